@@ -1,0 +1,34 @@
+# Set-up and everyday commands. `make test` and `make demo` work on a machine with only Python installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo benchmark inplace-abn clean
+
+# Create the virtual environment and install everything the tests need (once; again when requirements change).
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	$(MAKE) inplace-abn || echo "WARNING: the optional inplace-abn extra did not build; BatchNorm2d + activation is used instead."
+	touch $(STAMP)
+
+# Optional extra: in-place activated BatchNorm (the original's normalization; saves activation memory).
+# With a CUDA build of torch on a machine without a visible GPU it needs CUDA_HOME and an explicit arch list.
+inplace-abn:
+	@test -x $(PY) || { echo "run 'make test' first: $(PY) is missing"; exit 1; }
+	$(PY) -c "import inplace_abn" 2>/dev/null || env $$($(PY) -c "import torch, os; \
+	print('CUDA_HOME=' + os.environ.get('CUDA_HOME', '/usr/local/cuda'), \
+	'TORCH_CUDA_ARCH_LIST=' + os.environ.get('TORCH_CUDA_ARCH_LIST', '9.0') \
+	if torch.version.cuda and not torch.cuda.is_available() else '')") \
+	$(PY) -m pip install --no-build-isolation inplace-abn==1.1.0
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+benchmark: $(STAMP)
+	$(PY) -m cc_attention.benchmark
+
+clean:
+	rm -rf build .pytest_cache
