@@ -1,0 +1,1 @@
+"""Shared helpers: metrics, inference, losses, LR schedule, distributed set-up, checkpoints, logging."""
