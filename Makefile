@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 # Create the virtual environment and install everything the tests need (once; again when requirements change).
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements-dev.txt
 	$(MAKE) inplace-abn || echo "WARNING: the optional inplace-abn extra did not build; BatchNorm2d + activation is used instead."
 	touch $(STAMP)
