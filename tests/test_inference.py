@@ -1,0 +1,120 @@
+"""Sliding-window, whole-image, multi-scale and flip inference (utils.inference) with small stand-in models."""
+import pytest
+import torch
+from torch import nn
+
+from networks import upsample_logits
+from utils.inference import predict_logits, predict_sliding, predict_whole, tile_starts
+
+NUM_CLASSES = 5
+
+
+class StridedNet(nn.Module):
+    """Output stride 4 with a 7x7 receptive field per output: context-dependent, like a real segmentation net."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, NUM_CLASSES, 3, stride=2, padding=1)
+        )
+
+    def forward(self, x):
+        out = self.body(x)
+        return [out, out.detach() * 0]  # [main, aux] like the real model
+
+
+class PixelwiseNet(nn.Module):
+    """1x1 convolution at full resolution: each pixel's logits depend on that pixel only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, NUM_CLASSES, 1)
+
+    def forward(self, x):
+        return [self.conv(x), None]
+
+
+class MirrorSymmetrized(nn.Module):
+    """``(m(x) + mirror(m(mirror(x)))) / 2``: exactly equivariant to the left-right mirror."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        main = self.model(x)[0] + self.model(x.flip(-1))[0].flip(-1)
+        return [main / 2, None]
+
+
+def _images(n=2, h=37, w=53):
+    torch.manual_seed(2)
+    return torch.randn(n, 3, h, w) * 50
+
+
+def test_tile_starts_match_the_original_layout():
+    assert tile_starts(2048, 769) == [0, 513, 1026, 1279]  # 4 columns on a Cityscapes image
+    assert tile_starts(1024, 769) == [0, 255]  # 2 rows
+    assert tile_starts(769, 769) == [0]
+    assert tile_starts(100, 769) == [0]  # smaller than a tile: one padded tile
+
+
+def test_sliding_equals_whole_when_one_tile_covers_the_image():
+    model = StridedNet().eval()
+    images = _images(h=40, w=56)
+    sliding = predict_sliding(model, images, (40, 56))
+    assert sliding.shape == (2, NUM_CLASSES, 40, 56)
+    assert torch.equal(sliding, predict_whole(model, images))
+    assert torch.equal(predict_logits(model, images, tile_size=(40, 56)), predict_logits(model, images, None))
+
+
+def test_sliding_assembles_many_overlapping_and_padded_tiles_exactly():
+    model = PixelwiseNet().eval()
+    images = _images(h=37, w=53)  # 12x12 tiles: 4 x 6 overlapping tiles; 50-row tiles: one padded tile
+    expected = model(images)[0]
+    for tile in [(12, 12), (50, 20), (37, 53)]:
+        torch.testing.assert_close(predict_sliding(model, images, tile), expected, rtol=0, atol=1e-5)
+
+
+def test_sliding_differs_from_whole_for_a_context_dependent_model():
+    model = StridedNet().eval()
+    images = _images(h=48, w=64)
+    assert not torch.allclose(predict_sliding(model, images, (24, 24)), predict_whole(model, images), atol=1e-3)
+
+
+def test_flip_keeps_the_prediction_of_a_mirror_equivariant_model():
+    model = MirrorSymmetrized(StridedNet()).eval()
+    images = _images()
+    for tile in [None, (37, 53)]:
+        plain = predict_logits(model, images, tile_size=tile)
+        flipped = predict_logits(model, images, tile_size=tile, flip=True)
+        torch.testing.assert_close(flipped, plain, rtol=0, atol=1e-4)
+        assert torch.equal(flipped.argmax(1), plain.argmax(1))
+
+
+def test_flip_averages_the_mirrored_width_axis():
+    model = StridedNet().eval()
+    images = _images()
+    size = images.shape[-2:]
+    expected = (upsample_logits(model(images)[0], size) + upsample_logits(model(images.flip(-1))[0], size).flip(-1)) / 2
+    torch.testing.assert_close(predict_logits(model, images, None, flip=True), expected)
+
+
+def test_multi_scale_averages_resized_predictions():
+    model = StridedNet().eval()
+    images = _images(n=1, h=40, w=60)
+    small = torch.nn.functional.interpolate(images, size=(30, 45), mode="bilinear", align_corners=True)
+    expected = (upsample_logits(model(small)[0], (40, 60)) + upsample_logits(model(images)[0], (40, 60))) / 2
+    got = predict_logits(model, images, None, scales=(0.75, 1.0))
+    assert got.shape == (1, NUM_CLASSES, 40, 60)
+    torch.testing.assert_close(got, expected)
+    sliding = predict_logits(model, images, (20, 20), scales=(0.75, 1.0), flip=True)
+    assert sliding.shape == (1, NUM_CLASSES, 40, 60)
+
+
+def test_bad_scales_raise():
+    with pytest.raises(ValueError, match="scale"):
+        predict_logits(StridedNet(), _images(), None, scales=())
+    with pytest.raises(ValueError, match="positive"):
+        predict_logits(StridedNet(), _images(), None, scales=(0.0,))

@@ -1,0 +1,117 @@
+"""Full-image inference: sliding window or whole image, multi-scale and horizontal flip.
+
+All functions take a batch of preprocessed images ``(N, 3, H, W)`` (see ``dataset.transforms``) on the model's
+device and return logits ``(N, K, H, W)`` at the images' full resolution. Logits (not probabilities) are averaged,
+as in the original code:
+
+* sliding window (the default): tiles of ``tile_size`` with 1/3 overlap (stride ``ceil(2/3 * tile)``, so 513 for
+  769 and 2 x 4 tiles on a 1024 x 2048 image); the last tile of a row/column is shifted back to end at the border;
+  a tile larger than the image is zero-padded at the bottom/right (zero = the mean colour after preprocessing);
+  each tile's logits are upsampled to the tile size, cropped to the valid part and averaged where tiles overlap;
+* whole image: one forward pass, logits upsampled to the image size;
+* multi-scale: the image is resized bilinearly (corners aligned, like the original's ``ndimage.zoom(order=1)``)
+  by each scale, predicted, and the logits resized back to the original size;
+* flip: each scale is also predicted on the image mirrored left-right (the width axis, the last one) and the
+  logits mirrored back. The result is the mean over every (scale, flip) prediction.
+
+Every upsampling goes through ``networks.upsample_logits``.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from networks import upsample_logits
+
+
+def _main_logits(model, images: torch.Tensor) -> torch.Tensor:
+    """The main head's logits ``(N, K, h, w)`` (the model returns ``[main, aux]``)."""
+    outputs = model(images)
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
+def tile_starts(length: int, tile: int) -> list:
+    """Start offsets of the tiles along one axis of ``length`` pixels: stride ``ceil(2 * tile / 3)``, the last tile
+    shifted back to end at ``length`` (start 0 when the tile is longer than the axis).
+
+    >>> tile_starts(2048, 769)
+    [0, 513, 1026, 1279]
+    """
+    stride = -(-2 * tile // 3)
+    count = max(-(-(length - tile) // stride), 0) + 1
+    return sorted({max(min(i * stride + tile, length) - tile, 0) for i in range(count)})
+
+
+@torch.no_grad()
+def predict_whole(model, images: torch.Tensor, output_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """``(N, 3, H, W)`` -> logits ``(N, K, *output_size)`` (default ``(H, W)``) from one forward pass over the
+    whole image, upsampled once."""
+    return upsample_logits(_main_logits(model, images), output_size or images.shape[-2:])
+
+
+@torch.no_grad()
+def predict_sliding(model, images: torch.Tensor, tile_size: Tuple[int, int]) -> torch.Tensor:
+    """``(N, 3, H, W)`` -> logits ``(N, K, H, W)`` averaged over overlapping ``tile_size = (th, tw)`` tiles."""
+    height, width = images.shape[-2:]
+    tile_h, tile_w = tile_size
+    total: Optional[torch.Tensor] = None
+    count = torch.zeros(1, 1, height, width, device=images.device)
+    for y in tile_starts(height, tile_h):
+        for x in tile_starts(width, tile_w):
+            tile = images[:, :, y:y + tile_h, x:x + tile_w]
+            valid_h, valid_w = tile.shape[-2:]
+            tile = F.pad(tile, (0, tile_w - valid_w, 0, tile_h - valid_h))  # bottom/right, zeros
+            logits = upsample_logits(_main_logits(model, tile), (tile_h, tile_w))[:, :, :valid_h, :valid_w]
+            if total is None:
+                total = images.new_zeros(images.shape[0], logits.shape[1], height, width, dtype=logits.dtype)
+            total[:, :, y:y + valid_h, x:x + valid_w] += logits
+            count[:, :, y:y + valid_h, x:x + valid_w] += 1
+    return total / count
+
+
+def resize_images(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bilinear, corner-aligned resize of ``(N, 3, H, W)`` to ``(round(H * scale), round(W * scale))``."""
+    if scale == 1.0:
+        return images
+    size = (int(round(images.shape[-2] * scale)), int(round(images.shape[-1] * scale)))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+
+
+@torch.no_grad()
+def predict_logits(
+    model,
+    images: torch.Tensor,
+    tile_size: Optional[Tuple[int, int]] = (769, 769),
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    """Logits ``(N, K, H, W)`` of ``(N, 3, H, W)`` preprocessed images, averaged over scales and flips.
+
+    Args:
+        model: returns ``[main_logits, aux_logits]`` (or a tensor) for an ``(N, 3, h, w)`` input; call
+            ``model.eval()`` first.
+        images: preprocessed images on the model's device.
+        tile_size: ``(th, tw)`` for sliding-window inference; ``None`` for whole-image inference.
+        scales: image scale factors (``1.0`` = original size).
+        flip: also predict the left-right mirrored image.
+    """
+    if not scales:
+        raise ValueError("scales must list at least one scale factor")
+    if any(scale <= 0 for scale in scales):
+        raise ValueError(f"scale factors must be positive, got {list(scales)}")
+    size = images.shape[-2:]
+    total = None
+    for scale in scales:
+        scaled = resize_images(images, scale)
+        for mirrored in ((False, True) if flip else (False,)):
+            inputs = scaled.flip(-1) if mirrored else scaled
+            if tile_size is None:
+                logits = predict_whole(model, inputs, size)  # straight to the original size, as the original
+            else:
+                logits = predict_sliding(model, inputs, tile_size)
+                if scale != 1.0:
+                    logits = upsample_logits(logits, size)
+            if mirrored:
+                logits = logits.flip(-1)
+            total = logits if total is None else total + logits
+    return total / (len(scales) * (2 if flip else 1))
