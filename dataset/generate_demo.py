@@ -1,0 +1,220 @@
+"""Generate a small Cityscapes-format dataset of synthetic street scenes, for the demo and the tests.
+
+    python -m dataset.generate_demo OUT_DIR [--num-train 24 --num-val 8 --height 128 --width 256 --seed 0]
+
+Writes ``OUT_DIR/leftImg8bit/{train,val}/demoville/*_leftImg8bit.png``, ``OUT_DIR/gtFine/{train,val}/demoville/
+*_gtFine_labelIds.png`` (real Cityscapes label ids) and the list files ``OUT_DIR/{train,val}.lst``.
+
+Each scene has sky (gradient, clouds), buildings (facades with window grids), vegetation (noisy green tree
+crowns), road (dark asphalt, dashed lane marks), cars (coloured bodies, dark windows, wheels) and people (head,
+torso, legs), each class with its own colour, texture and shape, so a small network learns them in minutes;
+the bottom rows are an "ego vehicle" bonnet (label id 1, ignored in training). Same seed -> same files.
+"""
+import argparse
+import os
+import sys
+
+import cv2
+import numpy as np
+
+# Cityscapes label ids (see dataset.labels): what the *_gtFine_labelIds.png files hold.
+EGO_VEHICLE, ROAD, BUILDING, VEGETATION, SKY, PERSON, CAR = 1, 7, 11, 21, 23, 24, 26
+CITY = "demoville"
+
+
+def _texture(rng: np.random.Generator, shape: tuple, amplitude: float, blur: int) -> np.ndarray:
+    """(H, W) float32 smooth noise in about [-amplitude, amplitude]."""
+    noise = rng.standard_normal(shape).astype(np.float32)
+    if blur > 1:
+        noise = cv2.GaussianBlur(noise, (0, 0), blur)
+        noise /= noise.std() + 1e-6
+    return amplitude * noise
+
+
+def _paint(image: np.ndarray, label: np.ndarray, mask: np.ndarray, colour_bgr, label_id: int,
+           texture: np.ndarray | None = None) -> None:
+    """Fill ``mask`` (H, W bool) with a colour (plus an optional (H, W) brightness texture) and its label id."""
+    pixels = np.broadcast_to(np.asarray(colour_bgr, np.float32), image.shape).copy()
+    if texture is not None:
+        pixels += texture[..., None]
+    image[mask] = pixels[mask]
+    label[mask] = label_id
+
+
+def _shape_mask(shape: tuple, draw) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    draw(mask)
+    return mask.astype(bool)
+
+
+def _draw_sky(rng, image, label, horizon):
+    h, w = label.shape
+    rows = np.linspace(0.0, 1.0, horizon, dtype=np.float32)[:, None]
+    top, bottom = np.array([180, 110, 60], np.float32), np.array([235, 200, 170], np.float32)  # BGR blue -> pale
+    image[:horizon] = top + rows[..., None] * (bottom - top)
+    label[:horizon] = SKY
+    clouds = _texture(rng, (horizon, w), 1.0, max(2, w // 24)) > 1.0
+    image[:horizon][clouds] = 0.5 * image[:horizon][clouds] + 0.5 * 245.0
+
+
+def _draw_buildings(rng, image, label, horizon):
+    h, w = label.shape
+    hedge = np.zeros(label.shape, bool)  # a low hedge along the street, seen between the buildings
+    hedge[horizon - h // 40:horizon + h // 20 + 1] = True
+    _paint(image, label, hedge, (40, 110, 50), VEGETATION, _texture(rng, label.shape, 20.0, 1))
+    x = int(rng.integers(-w // 10, w // 20))
+    while x < w:
+        width = int(rng.integers(w // 8, w // 3))
+        top = int(rng.integers(h // 12, horizon - h // 10))
+        bottom = horizon + h // 20
+        grey = float(rng.uniform(90, 190))
+        colour = (grey * rng.uniform(0.85, 1.0), grey * rng.uniform(0.9, 1.0), grey)
+        facade = _shape_mask(label.shape, lambda m: cv2.rectangle(m, (x, top), (x + width, bottom), 1, -1))
+        # window grid: darker cells every `step` pixels
+        step = max(4, h // 16)
+        yy, xx = np.mgrid[0:h, 0:w]
+        windows = ((yy - top) % step < step // 2) & ((xx - x) % step < step // 2) & ((yy - top) > step // 2)
+        texture = np.where(windows, -grey * 0.45, 0.0).astype(np.float32) + _texture(rng, label.shape, 4.0, 1)
+        _paint(image, label, facade, colour, BUILDING, texture)
+        x += width + int(rng.integers(0, w // 10))
+
+
+def _draw_trees(rng, image, label, horizon):
+    h, w = label.shape
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = int(rng.integers(0, w)), int(horizon - rng.integers(0, h // 6))
+        radius = int(rng.integers(h // 10, h // 5))
+        trunk = _shape_mask(label.shape, lambda m: cv2.rectangle(
+            m, (cx - max(1, radius // 8), cy), (cx + max(1, radius // 8), horizon + h // 20), 1, -1))
+        crown = _shape_mask(label.shape, lambda m: cv2.ellipse(
+            m, (cx, cy - radius // 2), (radius, int(radius * 1.2)), 0, 0, 360, 1, -1))
+        leaves = _texture(rng, label.shape, 25.0, 1.5)
+        _paint(image, label, trunk | crown, (40, 120, 60), VEGETATION, leaves)
+
+
+def _draw_road(rng, image, label, horizon):
+    h, w = label.shape
+    road_top = horizon + h // 20
+    road = np.zeros(label.shape, bool)
+    road[road_top:] = True
+    _paint(image, label, road, (85, 80, 80), ROAD, _texture(rng, label.shape, 6.0, 1))
+    # dashed lane marks converging to the vanishing point (still road)
+    marks = np.zeros(label.shape, np.uint8)
+    for y in range(road_top + 2, h, max(4, h // 12)):
+        half = max(1, int((y - road_top) / (h - road_top) * w / 60))
+        cv2.rectangle(marks, (w // 2 - half, y), (w // 2 + half, y + max(2, h // 40)), 1, -1)
+    image[marks.astype(bool)] = (220, 220, 220)
+    return road_top
+
+
+def _depth_scale(y: int, road_top: int, h: int) -> float:
+    """Objects grow linearly from the horizon (0.25) to the bottom of the image (1.0)."""
+    return 0.25 + 0.75 * (y - road_top) / max(1, h - road_top)
+
+
+def _draw_car(rng, image, label, road_top, foot_y):
+    h, w = label.shape
+    scale = _depth_scale(foot_y, road_top, h)
+    car_w, car_h = int(w * 0.22 * scale) + 4, int(h * 0.16 * scale) + 3
+    x0 = int(rng.integers(-car_w // 3, w - 2 * car_w // 3))
+    y0 = foot_y - car_h
+    wheel_r = max(1, car_h // 4)
+    colour = tuple(float(c) for c in rng.choice([(40, 40, 200), (200, 60, 30), (30, 160, 220), (60, 60, 60),
+                                                   (230, 230, 230), (40, 140, 40)]))
+    body = _shape_mask(label.shape, lambda m: (
+        cv2.rectangle(m, (x0, y0 + car_h // 3), (x0 + car_w, foot_y - wheel_r // 2), 1, -1),
+        cv2.rectangle(m, (x0 + car_w // 5, y0), (x0 + 4 * car_w // 5, y0 + car_h // 3), 1, -1)))
+    _paint(image, label, body, colour, CAR, _texture(rng, label.shape, 3.0, 1))
+    window = _shape_mask(label.shape, lambda m: cv2.rectangle(
+        m, (x0 + car_w // 4, y0 + 1), (x0 + 3 * car_w // 4, y0 + car_h // 3), 1, -1))
+    _paint(image, label, window & body, (70, 50, 40), CAR)
+    wheels = _shape_mask(label.shape, lambda m: [cv2.circle(m, (x, foot_y - wheel_r), wheel_r, 1, -1)
+                                                 for x in (x0 + car_w // 5, x0 + 4 * car_w // 5)])
+    _paint(image, label, wheels, (20, 20, 20), CAR)
+
+
+def _draw_person(rng, image, label, road_top, foot_y):
+    h, w = label.shape
+    scale = _depth_scale(foot_y, road_top, h)
+    height = int(h * 0.32 * scale) + 6
+    cx = int(rng.integers(0, w))
+    half_w = max(1, height // 8)
+    head_r = max(1, height // 10)
+    shirt = tuple(float(c) for c in rng.integers(0, 256, 3))
+    legs = _shape_mask(label.shape, lambda m: cv2.rectangle(
+        m, (cx - half_w, foot_y - height // 2), (cx + half_w, foot_y), 1, -1))
+    torso = _shape_mask(label.shape, lambda m: cv2.rectangle(
+        m, (cx - half_w - 1, foot_y - height + 2 * head_r), (cx + half_w + 1, foot_y - height // 2), 1, -1))
+    head = _shape_mask(label.shape, lambda m: cv2.circle(m, (cx, foot_y - height + head_r), head_r, 1, -1))
+    _paint(image, label, legs, (90, 50, 30), PERSON)
+    _paint(image, label, torso, shirt, PERSON, _texture(rng, label.shape, 8.0, 1))
+    _paint(image, label, head, (120, 160, 220), PERSON)
+
+
+def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic street scene: (H, W, 3) uint8 BGR image and (H, W) uint8 Cityscapes label ids."""
+    image = np.zeros((height, width, 3), np.float32)
+    label = np.zeros((height, width), np.uint8)
+    horizon = int(height * rng.uniform(0.35, 0.5))
+    _draw_sky(rng, image, label, horizon)
+    _draw_buildings(rng, image, label, horizon)
+    _draw_trees(rng, image, label, horizon)
+    road_top = _draw_road(rng, image, label, horizon)
+    ego_top = height - max(2, height // 16)
+    objects = [("car", int(rng.integers(road_top + height // 10, ego_top))) for _ in range(rng.integers(1, 4))]
+    objects += [("person", int(rng.integers(road_top + height // 12, ego_top))) for _ in range(rng.integers(1, 4))]
+    for kind, foot_y in sorted(objects, key=lambda item: item[1]):  # far objects first, near ones occlude them
+        (_draw_car if kind == "car" else _draw_person)(rng, image, label, road_top, foot_y)
+    bonnet = np.zeros(label.shape, bool)
+    bonnet[ego_top:] = True
+    _paint(image, label, bonnet, (30, 30, 30), EGO_VEHICLE)
+    image += _texture(rng, label.shape, 3.0, 1)[..., None]
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def generate(out_dir: str, num_train: int = 24, num_val: int = 8, height: int = 128, width: int = 256,
+             seed: int = 0) -> dict[str, str]:
+    """Write the dataset; returns ``{"train": list path, "val": list path}``."""
+    if height < 32 or width < 32:
+        raise ValueError(f"--height/--width must be at least 32, got {height}x{width}")
+    lists = {}
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        image_dir = os.path.join("leftImg8bit", split, CITY)
+        label_dir = os.path.join("gtFine", split, CITY)
+        os.makedirs(os.path.join(out_dir, image_dir), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, label_dir), exist_ok=True)
+        lines = []
+        for index in range(count):
+            image, label = make_scene(np.random.default_rng((seed, split_index, index)), height, width)
+            stem = f"{CITY}_{split_index:06d}_{index:06d}"
+            image_path = os.path.join(image_dir, f"{stem}_leftImg8bit.png")
+            label_path = os.path.join(label_dir, f"{stem}_gtFine_labelIds.png")
+            cv2.imwrite(os.path.join(out_dir, image_path), image)
+            cv2.imwrite(os.path.join(out_dir, label_path), label)
+            lines.append(f"{image_path}\t{label_path}\n")
+        lists[split] = os.path.join(out_dir, f"{split}.lst")
+        with open(lists[split], "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+    return lists
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="folder to write (created if missing)")
+    parser.add_argument("--num-train", type=int, default=24, help="number of training scenes (default 24)")
+    parser.add_argument("--num-val", type=int, default=8, help="number of validation scenes (default 8)")
+    parser.add_argument("--height", type=int, default=128, help="image height in pixels (default 128)")
+    parser.add_argument("--width", type=int, default=256, help="image width in pixels (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        lists = generate(args.out_dir, args.num_train, args.num_val, args.height, args.width, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out_dir}: {lists['train']}, "
+          f"{lists['val']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
