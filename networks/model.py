@@ -1,0 +1,77 @@
+"""The whole network and its builder: dilated ResNet + context head (RCCA by default) + auxiliary DSN head."""
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from libs.norm import NormFactory, make_norm
+
+from .heads import ContextHead, DSNHead, NonLocalHead, RCCAHead
+from .resnet import BACKBONES, BackboneSpec, DilatedResNet
+
+HEADS = ("ccnet", "nonlocal", "baseline")
+
+
+class SegmentationNet(DilatedResNet):
+    """Backbone modules at the top level (as in the original, so keys read ``layer4.2.conv3.weight``), plus
+    ``head`` on layer4 and ``dsn`` on layer3.
+
+    ``forward(x)``: ``x`` ``(N, 3, H, W)`` preprocessed BGR -> ``[main, aux]`` logits, each
+    ``(N, num_classes, h, w)`` at output stride 8 (``h = floor((H - 1) / 8) + 1``: 769 -> 97).
+    """
+
+    def __init__(self, spec: BackboneSpec, head: nn.Module, num_classes: int, norm: NormFactory, multi_grid=(1, 1, 1)):
+        super().__init__(spec, norm, multi_grid)
+        self.head = head
+        self.dsn = DSNHead(spec.layer3_channels, spec.head_width, num_classes, norm)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        c3, c4 = self.forward_features(x)
+        return [self.head(c4), self.dsn(c3)]
+
+
+def build_model(
+    name: str = "ccnet",
+    backbone: str = "resnet101",
+    num_classes: int = 19,
+    recurrence: int = 2,
+    norm: str = "auto",
+    multi_grid: Sequence[int] = (1, 1, 1),
+) -> SegmentationNet:
+    """THE entry point for train.py, evaluate.py and the tools.
+
+    Args:
+        name: ``"ccnet"`` (RCCA head, ``model.head.cca`` / ``model.head.recurrence``), ``"nonlocal"`` (one
+            non-local block in its place) or ``"baseline"`` (no attention).
+        backbone: ``"resnet101"``, ``"resnet50"`` or ``"tiny"`` (narrow, for CPU tests and the demo).
+        num_classes: classifier outputs of both heads.
+        recurrence: R, the number of criss-cross attention loops (ccnet only; 2 as in the paper).
+        norm: see :func:`libs.norm.make_norm` (``"auto"``, ``"bn"``, ``"syncbn"``, ``"inplace_abn"``,
+            ``"inplace_abn_sync"``); the state-dict keys are the same for all.
+        multi_grid: dilation multipliers of layer4's blocks (the original: (1, 1, 1)).
+    """
+    if name not in HEADS:
+        raise ValueError(f"model name must be one of {HEADS}, got {name!r}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {tuple(BACKBONES)}, got {backbone!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    spec = BACKBONES[backbone]
+    norm_layer = make_norm(norm)
+    head_args = (spec.layer4_channels, spec.head_width, num_classes, norm_layer)
+    if name == "ccnet":
+        head = RCCAHead(*head_args, recurrence=recurrence)
+    elif name == "nonlocal":
+        head = NonLocalHead(*head_args)
+    else:
+        head = ContextHead(*head_args)
+    return SegmentationNet(spec, head, num_classes, norm_layer, multi_grid)
+
+
+def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear upsampling with ``align_corners=True`` (the original's): ``(N, K, h, w) -> (N, K, *size)``.
+
+    The ONE place where logits are resized: the loss, evaluation and inference all call it.
+    """
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
