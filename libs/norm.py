@@ -5,21 +5,23 @@ The backbone uses it with ``activation="identity"`` (a separate ReLU follows), t
 ``LeakyReLU(0.01)``. :func:`make_norm` returns a constructor ``norm(num_features, activation="identity")`` for:
 
 * ``"inplace_abn"`` / ``"inplace_abn_sync"``: ``inplace_abn.InPlaceABN`` / ``InPlaceABNSync`` (optional package);
-* ``"bn"``: :class:`BatchNormAct`, ``nn.BatchNorm2d`` followed by the same activation;
-* ``"syncbn"``: :class:`SyncBatchNormAct`, ``nn.SyncBatchNorm`` followed by the same activation (multi-GPU
+* ``"bn"``: :class:`BatchNormAct`, an ``nn.BatchNorm2d`` followed by the same activation;
+* ``"syncbn"``: :class:`SyncBatchNormAct`, an ``nn.SyncBatchNorm`` followed by the same activation (multi-GPU
   without the optional package);
 * ``"auto"``: the in-place kinds when ``inplace_abn`` imports, the BatchNorm kinds otherwise; the synchronized
   variant when ``torch.distributed`` is initialized with more than one process.
 
 All kinds have the same parameters and state-dict keys (``weight``, ``bias``, ``running_mean``, ``running_var``,
-``num_batches_tracked``) and compute the same function in eval mode, so a checkpoint trained with one loads into
-any other.
+``num_batches_tracked``) and compute the same function, so a checkpoint trained with one loads into any other.
+Like InPlaceABN (the original's and today's), the affine scale is ``|weight| + eps``, not ``weight``: training can
+make weights negative, and a plain ``nn.BatchNorm2d`` would read such a checkpoint wrong.
 """
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules._functions import SyncBatchNorm as _sync_batch_norm
 
 NORM_KINDS = ("auto", "bn", "syncbn", "inplace_abn", "inplace_abn_sync")
 ACTIVATIONS = ("identity", "leaky_relu")
@@ -48,49 +50,77 @@ def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     return x
 
 
-class BatchNormAct(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` followed by an activation (``"identity"`` or ``"leaky_relu"`` with slope 0.01).
+def _scale(norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """InPlaceABN's (and the original's) affine scale ``|weight| + eps``: never zero, so the op is invertible."""
+    return norm.weight.abs() + norm.eps
 
-    The BatchNorm stand-in for ``InPlaceABN``: same parameters, buffers and eval-mode output. It keeps the
-    normalized tensor for the activation's backward pass, so it needs more activation memory than InPlaceABN.
+
+def _local_batch_norm(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Batch norm with statistics of this process only (training) or the running ones (eval)."""
+    if norm.training:
+        norm.num_batches_tracked.add_(1)
+    return F.batch_norm(
+        x, norm.running_mean, norm.running_var, _scale(norm), norm.bias, norm.training, norm.momentum, norm.eps
+    )
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """Batch norm with InPlaceABN's scale ``|weight| + eps``, then an activation (``"identity"`` or
+    ``"leaky_relu"`` with slope 0.01): the stand-in for ``InPlaceABN``, same parameters, buffers and outputs.
+
+    It keeps the normalized tensor for the activation's backward pass (InPlaceABN recomputes it from its output),
+    so it needs more activation memory.
 
     Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
     """
 
-    def __init__(self, num_features: int, activation: str = "identity", **kwargs):
+    def __init__(self, num_features: int, activation: str = "identity"):
         _check_activation(activation)
-        super().__init__(num_features, **kwargs)
+        super().__init__(num_features)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _activate(super().forward(x), self.activation)
+        self._check_input_dim(x)
+        return _activate(_local_batch_norm(self, x), self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
 
 
 class SyncBatchNormAct(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` followed by an activation: :class:`BatchNormAct` with statistics over all processes.
+    """:class:`BatchNormAct` with the batch statistics of all processes (training under ``torch.distributed``,
+    CUDA tensors); in eval mode or in a single process it computes exactly what :class:`BatchNormAct` does.
 
     Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
     """
 
-    def __init__(self, num_features: int, activation: str = "identity", **kwargs):
+    def __init__(self, num_features: int, activation: str = "identity"):
         _check_activation(activation)
-        super().__init__(num_features, **kwargs)
+        super().__init__(num_features)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _activate(super().forward(x), self.activation)
+        group = self.process_group or torch.distributed.group.WORLD
+        world_size = torch.distributed.get_world_size(group) if _distributed() else 1
+        if not self.training or world_size == 1:
+            return _activate(_local_batch_norm(self, x), self.activation)
+        self.num_batches_tracked.add_(1)
+        # The autograd function nn.SyncBatchNorm itself runs (it also updates the running statistics).
+        x = _sync_batch_norm.apply(
+            x, _scale(self), self.bias, self.running_mean, self.running_var, self.eps, self.momentum, group, world_size
+        )
+        return _activate(x, self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _distributed_world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+    return torch.distributed.get_world_size() if _distributed() else 1
 
 
 def resolve_norm_kind(kind: str) -> str:

@@ -1,0 +1,92 @@
+"""Normalization layers: one factory, identical keys, BatchNorm fallback == InPlaceABN."""
+import os
+
+import pytest
+import torch
+
+from libs.norm import BatchNormAct, SyncBatchNormAct, inplace_abn_available, make_norm, resolve_norm_kind
+
+
+def require_inplace_abn():
+    """Skip without the optional package, except in CI (which installs it): there a skip would hide a failure."""
+    if inplace_abn_available():
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("CI=true but inplace_abn does not import: the optional extra must be installed in CI")
+    pytest.skip("the optional inplace_abn package is not installed (`make inplace-abn`)")
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the affine parameters and running statistics non-trivial values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(module, name).copy_(torch.randn(module.num_features, generator=generator))
+        module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return module
+
+
+def test_factory_kinds_and_errors():
+    assert make_norm("bn") is BatchNormAct
+    assert make_norm("syncbn") is SyncBatchNormAct
+    assert resolve_norm_kind("auto") == ("inplace_abn" if inplace_abn_available() else "bn")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        make_norm("groupnorm")
+    with pytest.raises(ValueError, match="activation"):
+        make_norm("bn")(8, activation="relu6")
+
+
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
+def test_batchnorm_act_eval_uses_inplace_abn_scale(activation):
+    """Like InPlaceABN, the scale is |weight| + eps (randomized() makes some weights negative)."""
+    norm = randomized(BatchNormAct(6, activation=activation)).eval()
+    assert (norm.weight < 0).any()
+    x = torch.randn(2, 6, 5, 7)
+    scale = norm.weight.abs() + norm.eps
+    expected = torch.nn.functional.batch_norm(x, norm.running_mean, norm.running_var, scale, norm.bias)
+    if activation == "leaky_relu":
+        expected = torch.nn.functional.leaky_relu(expected, 0.01)
+    torch.testing.assert_close(norm(x.clone()), expected)
+
+
+def test_syncbn_single_process_matches_bn():
+    """Without torch.distributed, SyncBatchNormAct trains like BatchNormAct (CPU included)."""
+    x = torch.randn(4, 6, 5, 5)
+    sync, plain = SyncBatchNormAct(6, "leaky_relu"), BatchNormAct(6, "leaky_relu")
+    torch.testing.assert_close(sync(x), plain(x))
+    torch.testing.assert_close(sync.running_var, plain.running_var)
+
+
+def test_all_kinds_share_state_dict_keys():
+    kinds = ["bn", "syncbn"] + (["inplace_abn", "inplace_abn_sync"] if inplace_abn_available() else [])
+    keys = {kind: list(make_norm(kind)(4, activation="leaky_relu").state_dict()) for kind in kinds}
+    assert keys["bn"] == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert all(value == keys["bn"] for value in keys.values()), keys
+
+
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
+def test_bn_fallback_matches_inplace_abn(activation):
+    require_inplace_abn()
+    reference = randomized(make_norm("inplace_abn")(6, activation=activation))
+    fallback = BatchNormAct(6, activation=activation)
+    fallback.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 6, 9, 11) * 3 + 1
+
+    reference.eval(), fallback.eval()
+    torch.testing.assert_close(fallback(x.clone()), reference(x.clone()), atol=1e-4, rtol=1e-4)
+
+    # Training: same output, same gradients, same running statistics (InPlaceABN's backward inverts in place).
+    reference.train(), fallback.train()
+    upstream = torch.randn_like(x)
+    outputs, grads = [], []
+    for module in (reference, fallback):
+        inp = x.clone().requires_grad_()
+        out = module(inp * 1.0)  # InPlaceABN overwrites its input: feed it a non-leaf
+        out.backward(upstream)
+        outputs.append(out.detach())
+        grads.append((inp.grad, module.weight.grad, module.bias.grad))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-4, rtol=1e-4)
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(fallback.running_mean, reference.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fallback.running_var, reference.running_var, atol=1e-4, rtol=1e-4)
