@@ -6,12 +6,22 @@ import time
 from tqdm import tqdm
 
 
+def _truncate_csv(path: str, last_iteration: int) -> None:
+    """Drop the rows after ``last_iteration`` from a CSV log (rewritten in place)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= last_iteration]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(kept)
+
+
 class TrainingLogger:
     """``log(iteration, loss=..., lr=...)`` after each step; ``close()`` at the end.
 
     ``log_dir`` receives the TensorBoard event files and ``train_log.csv`` (columns: iteration, the scalar names
-    in their first-call order, seconds since the start). On resume the CSV is appended to. With
-    ``enabled=False`` (the other ranks) every method does nothing.
+    in their first-call order, seconds since the start). On resume (``start_step > 0``) the CSV keeps its rows
+    up to ``start_step`` (those of an interrupted run after its snapshot are dropped) and is appended to; so are the
+    TensorBoard events. With ``enabled=False`` (the other ranks) every method does nothing.
     """
 
     CSV_NAME = "train_log.csv"
@@ -25,6 +35,8 @@ class TrainingLogger:
         os.makedirs(log_dir, exist_ok=True)
         self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
         self.csv_path = os.path.join(log_dir, self.CSV_NAME)
+        if start_step and os.path.exists(self.csv_path):
+            _truncate_csv(self.csv_path, start_step)
         self.csv_file = None
         self.csv_writer = None
         self.start_time = time.time()

@@ -1,0 +1,332 @@
+"""Train CCNet on Cityscapes (one process, or several through torchrun / DistributedDataParallel).
+
+    python train.py --data-dir cityscapes --random-mirror --random-scale                    # one GPU (or CPU)
+    torchrun --nproc_per_node=4 train.py --data-dir cityscapes --random-mirror --random-scale  # 4 GPUs
+
+The defaults are the paper's run: batch 8 (global, split over the processes), 769x769 crops, SGD lr 1e-2,
+momentum 0.9, weight decay 1e-4, poly 0.9, 60000 iterations, R=2. Snapshots ``CS_scenes_<iter>.pth`` go to
+``--snapshot-dir`` every ``--save-pred-every`` iterations and at the end; ``--resume`` continues one exactly
+(same batches, same random draws). Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes.
+"""
+import argparse
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from dataset.cityscapes import CityscapesDataset, DataError, worker_init_fn
+from dataset.sampler import ResumableDistributedSampler
+from libs.norm import NORM_KINDS, resolve_norm_kind
+from networks import BACKBONES, HEADS, build_model
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from utils.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process
+from utils.logger import TrainingLogger
+from utils.loss import CriterionDSN
+from utils.schedule import poly_lr, set_lr
+
+SNAPSHOT_PATTERN = "CS_scenes_{}.pth"
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Flags whose change makes a resumed run differ from the uninterrupted one (warned about on --resume).
+RUN_DEFINING_FLAGS = ("data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
+                      "power", "num_steps", "recurrence", "ohem", "ohem_thres", "ohem_keep", "random_mirror",
+                      "random_scale", "random_seed", "num_classes", "backbone", "model", "amp")
+
+
+class TrainingError(RuntimeError):
+    """A condition that stops training with a one-line message (bad flag, non-finite loss)."""
+
+
+def _size(text: str) -> list[int]:
+    try:
+        height, width = (int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH (e.g. 769,769), got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return [height, width]
+
+
+def _bool01(text: str) -> bool:
+    values = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {text!r}")
+    return values[text.lower()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default="cityscapes",
+                      help="Cityscapes folder (holds leftImg8bit/ and gtFine/); list paths are relative to it")
+    data.add_argument("--data-list", default="./dataset/list/cityscapes/train.lst",
+                      help="list file of '<image>\\t<label>' lines to train on")
+    data.add_argument("--input-size", type=_size, default=[769, 769], metavar="H,W",
+                      help="training crop size; smaller images are padded (image 0, label ignored)")
+    data.add_argument("--random-mirror", action="store_true", help="flip images horizontally with p = 0.5")
+    data.add_argument("--random-scale", action="store_true",
+                      help="rescale images by a random factor in {0.7, 0.8, ..., 2.1} before cropping")
+    data.add_argument("--num-workers", type=int, default=8, help="data-loading processes per training process")
+    data.add_argument("--num-classes", type=int, default=19, help="number of classes the network predicts")
+    data.add_argument("--ignore-label", type=int, default=255, help="label value excluded from the loss")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=HEADS, default="ccnet",
+                       help="context head: RCCA (ccnet), one non-local block, or none (baseline)")
+    model.add_argument("--backbone", choices=tuple(BACKBONES), default="resnet101",
+                       help="backbone; 'tiny' is a small variant for CPU tests and the demo")
+    model.add_argument("--recurrence", type=int, default=2, help="R, the number of criss-cross attention loops")
+    model.add_argument("--norm", choices=NORM_KINDS, default="auto",
+                       help="normalization: auto = InPlaceABN if the inplace_abn package imports, else BatchNorm; "
+                            "synchronized across processes when there are several")
+    model.add_argument("--restore-from", default="./dataset/resnet101-imagenet.pth",
+                       help="ImageNet weights for the backbone (if the file is absent: train from scratch, "
+                            "with a warning; '' to skip silently)")
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--batch-size", type=int, default=8,
+                       help="GLOBAL batch size, split evenly over the processes (8 = 2 per GPU on 4 GPUs)")
+    optim.add_argument("--learning-rate", type=float, default=1e-2, help="base learning rate of the poly schedule")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (on every parameter)")
+    optim.add_argument("--power", type=float, default=0.9, help="poly schedule: lr = base * (1 - it/max) ** power")
+    optim.add_argument("--num-steps", type=int, default=60000, help="number of training iterations")
+    optim.add_argument("--ohem", type=_bool01, default=False, metavar="0|1",
+                       help="online hard example mining on the main head")
+    optim.add_argument("--ohem-thres", type=float, default=0.7,
+                       help="OHEM: keep pixels whose ground-truth probability is at most this (or the k-th smallest)")
+    optim.add_argument("--ohem-keep", type=int, default=100000, help="OHEM: k, the minimum number of pixels kept")
+    optim.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                       help="mixed precision: bf16 autocast, or fp16 autocast with gradient scaling")
+    optim.add_argument("--random-seed", type=int, default=1234,
+                       help="seed of the initialization, the data order and the augmentations")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--gpu", default=None,
+                     help="GPUs this node may use, e.g. '0,1,2,3' (sets CUDA_VISIBLE_DEVICES); 'cpu' trains on "
+                          "the CPU; default: the visible GPUs, else the CPU")
+    run.add_argument("--snapshot-dir", default="snapshots/", help="where CS_scenes_<iter>.pth snapshots are written")
+    run.add_argument("--save-pred-every", type=int, default=10000, help="write a snapshot every this many iterations")
+    run.add_argument("--resume", default=None, metavar="SNAPSHOT",
+                     help="continue exactly from one of our snapshots (weights, optimizer, iteration, RNG states)")
+    run.add_argument("--log-dir", default=None,
+                     help="TensorBoard events and train_log.csv (default: <snapshot-dir>/logs)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    positive = ("batch_size", "num_steps", "save_pred_every", "num_classes")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0 or args.recurrence < 0 or args.ohem_keep < 0:
+        parser.error("--num-workers, --recurrence and --ohem-keep must be >= 0")
+    if args.log_dir is None:
+        args.log_dir = os.path.join(args.snapshot_dir, "logs")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+def _rng_state(device: torch.device) -> dict:
+    """This process's RNG states as tensors and plain Python types (loadable with weights_only=True)."""
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "python": {"version": python_state[0], "state": list(python_state[1]), "gauss_next": python_state[2]},
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
+
+
+def _gather_rng_states(device: torch.device, world_size: int) -> list:
+    """Every rank's RNG state, indexed by rank (a collective: all ranks must call it)."""
+    state = _rng_state(device)
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+# ------------------------------------------------------------------------------------------------- the data
+def _make_loader(args, rank: int, world_size: int, device: torch.device):
+    dataset = CityscapesDataset(args.data_dir, args.data_list, crop_size=tuple(args.input_size),
+                                scale=args.random_scale, mirror=args.random_mirror, ignore_label=args.ignore_label,
+                                training=True, seed=args.random_seed)
+    per_process = args.batch_size // world_size
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.random_seed)
+    iterations_per_epoch = len(sampler) // per_process
+    if iterations_per_epoch == 0:
+        raise TrainingError(f"--data-list {args.data_list} has {len(dataset)} samples: too few for a global batch "
+                            f"of {args.batch_size} over {world_size} processes")
+    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=worker_init_fn,
+                        generator=torch.Generator().manual_seed(args.random_seed))
+    return dataset, sampler, loader, iterations_per_epoch
+
+
+def _batches(dataset, sampler, loader, start_iteration: int, iterations_per_epoch: int):
+    """Endless batches, starting where iteration ``start_iteration`` of an uninterrupted run would."""
+    epoch, batch_in_epoch = divmod(start_iteration, iterations_per_epoch)
+    while True:
+        sampler.set_epoch(epoch, start=batch_in_epoch * loader.batch_size)
+        dataset.set_epoch(epoch)
+        yield from loader
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def _build(args, device: torch.device, log):
+    torch.manual_seed(args.random_seed)  # the same initial weights on every rank
+    model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, args.norm)
+    if args.resume is None and args.restore_from:
+        if os.path.isfile(args.restore_from):
+            log(load_model_weights(model, args.restore_from).summary())
+        else:
+            log(f"warning: --restore-from {args.restore_from}: no such file; training from scratch "
+                "(expect a much lower mIoU than with ImageNet weights)")
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return model, optimizer
+
+
+def _check_resumed_args(saved: dict, args, log) -> None:
+    changed = [f"--{name.replace('_', '-')} {saved[name]!r} -> {getattr(args, name)!r}"
+               for name in RUN_DEFINING_FLAGS if name in saved and saved[name] != getattr(args, name)]
+    if changed:
+        log("warning: the resumed run differs from the snapshot's: " + "; ".join(changed))
+
+
+def _snapshot_state(model, optimizer, scaler, iteration: int, args, rng_states: list) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+            "rng": {"world_size": len(rng_states), "ranks": rng_states}, "scaler": scaler.state_dict(),
+            "args": dict(vars(args))}
+
+
+# ------------------------------------------------------------------------------------------------- training
+def train(args) -> torch.nn.Module:
+    """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model."""
+    if args.gpu is not None and args.gpu != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    info = init_distributed(use_cuda=args.gpu != "cpu" and torch.cuda.is_available())
+    rank, world_size, device = info.rank, info.world_size, info.device
+    main_process = is_main_process()
+    if args.batch_size % world_size:
+        raise TrainingError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
+    amp_dtype = AMP_DTYPES[args.amp]
+    if args.amp == "fp16" and device.type != "cuda":
+        raise TrainingError("--amp fp16 needs a GPU; use --amp bf16 on the CPU")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    def log(text: str) -> None:
+        if main_process:
+            print(text, file=sys.stderr, flush=True)
+
+    dataset, sampler, loader, iterations_per_epoch = _make_loader(args, rank, world_size, device)
+    model, optimizer = _build(args, device, log)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_iteration = 0
+    if args.resume is not None:
+        checkpoint = load_checkpoint(args.resume)
+        load_model_weights(model, checkpoint)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_iteration = int(checkpoint["iteration"])
+        _check_resumed_args(checkpoint.get("args", {}), args, log)
+        rng = checkpoint["rng"]
+        if rng["world_size"] == world_size:
+            _set_rng_state(rng["ranks"][rank], device)
+        else:
+            log(f"warning: the snapshot was written by {rng['world_size']} processes, this run has {world_size}: "
+                "the data order and the random draws differ from an uninterrupted run")
+            torch.manual_seed(args.random_seed + start_iteration + rank)
+        log(f"resumed from {args.resume} at iteration {start_iteration}")
+    else:
+        torch.manual_seed(args.random_seed + rank)  # dropout draws differ between ranks
+        random.seed(args.random_seed + rank)
+        np.random.seed(args.random_seed + rank)
+    if start_iteration >= args.num_steps:
+        raise TrainingError(f"--resume {args.resume} is at iteration {start_iteration}, --num-steps is "
+                            f"{args.num_steps}: nothing to do")
+
+    network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    criterion = CriterionDSN(args.ignore_label, ohem=args.ohem, ohem_thresh=args.ohem_thres,
+                             ohem_keep=args.ohem_keep)
+    log(f"training {args.model}/{args.backbone} (norm {resolve_norm_kind(args.norm)}) on {world_size} process(es), "
+        f"{device.type}, {args.batch_size // world_size} images each; {len(dataset)} samples, "
+        f"{iterations_per_epoch} iterations per epoch; iterations {start_iteration + 1}..{args.num_steps}")
+    logger = TrainingLogger(args.log_dir, args.num_steps, start_iteration, enabled=main_process)
+    last_snapshot = args.resume
+    network.train()
+    batches = _batches(dataset, sampler, loader, start_iteration, iterations_per_epoch)
+    try:
+        for iteration in range(start_iteration, args.num_steps):
+            images, labels, _ = next(batches)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
+            set_lr(optimizer, lr)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                preds = network(images)
+            loss = criterion(preds, labels)
+            # one all-reduce: the mean loss for the log, and whether any rank's loss is not finite
+            stats = all_reduce_sum(torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()]))
+            mean_loss, bad_ranks = stats[0].item() / world_size, int(stats[1].item())
+            if bad_ranks:
+                raise TrainingError(f"non-finite loss at iteration {iteration + 1} (on {bad_ranks} process(es)); "
+                                    f"stopped. Last good snapshot: {last_snapshot or 'none written yet'}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            done = iteration + 1
+            logger.log(done, loss=mean_loss, lr=lr)
+            if done % args.save_pred_every == 0 or done == args.num_steps:
+                rng_states = _gather_rng_states(device, world_size)
+                path = os.path.join(args.snapshot_dir, SNAPSHOT_PATTERN.format(done))
+                if main_process:
+                    save_checkpoint(_snapshot_state(model, optimizer, scaler, done, args, rng_states), path)
+                    logger.message(f"saved {path}")
+                last_snapshot = path
+                barrier()
+    finally:
+        logger.close()
+    return model
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+        return 0
+    except (DataError, CheckpointError, TrainingError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
