@@ -18,7 +18,8 @@ class SegmentationNet(DilatedResNet):
     ``head`` on layer4 and ``dsn`` on layer3.
 
     ``forward(x)``: ``x`` ``(N, 3, H, W)`` preprocessed BGR -> ``[main, aux]`` logits, each
-    ``(N, num_classes, h, w)`` at output stride 8 (``h = floor((H - 1) / 8) + 1``: 769 -> 97).
+    ``(N, num_classes, h, w)`` at output stride 8: ``h = ((H - 1) // 2 + 1) // 2 // 2 + 1`` (stride-2 conv,
+    ceil-mode max-pool, stride-2 conv): 769 -> 97, 1024 -> 129, 2048 -> 257.
     """
 
     def __init__(self, spec: BackboneSpec, head: nn.Module, num_classes: int, norm: NormFactory, multi_grid=(1, 1, 1)):

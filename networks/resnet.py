@@ -90,7 +90,7 @@ class DilatedResNet(nn.Module):
     """Deep-stem ResNet with layer3 / layer4 dilated (2 / 4 x ``multi_grid``) instead of strided: output stride 8.
 
     ``forward_features(x)``: ``(N, 3, H, W) -> (layer3 (N, 16 * base, h, w), layer4 (N, 32 * base, h, w))`` with
-    ``h = ceil-ish H / 8`` (769 -> 97).
+    ``h`` about ``H / 8`` (769 -> 97, 1024 -> 129: the max-pool rounds up).
     """
 
     def __init__(self, spec: BackboneSpec, norm: NormFactory, multi_grid: Sequence[int] = (1, 1, 1)):
