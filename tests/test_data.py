@@ -1,0 +1,173 @@
+"""The dataset: list reading, augmentation, evaluation mode, bad data, the demo generator, the list maker."""
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dataset.cityscapes import CityscapesDataset, DataError, read_list
+from dataset.generate_demo import generate
+from dataset.labels import label_ids_to_train_ids
+from dataset.make_lists import make_lists
+from dataset.sampler import ResumableDistributedSampler
+from dataset.transforms import preprocess_image
+
+HEIGHT, WIDTH = 48, 96
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    lists = generate(str(root), num_train=4, num_val=2, height=HEIGHT, width=WIDTH, seed=3)
+    return str(root), lists
+
+
+def _copy(demo, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo[0], root)
+    return root
+
+
+def test_eval_mode_returns_full_preprocessed_image_and_train_ids(demo):
+    root, lists = demo
+    dataset = CityscapesDataset(root, lists["val"], training=False)
+    image, label, name = dataset[1]
+    entry = read_list(root, lists["val"])[1]
+    expected = preprocess_image(cv2.imread(entry.image_path)).transpose(2, 0, 1)
+    assert image.dtype == torch.float32 and image.shape == (3, HEIGHT, WIDTH)
+    np.testing.assert_array_equal(image.numpy(), expected)
+    np.testing.assert_array_equal(label.numpy(), label_ids_to_train_ids(cv2.imread(entry.label_path, 0)))
+    assert label.dtype == torch.int64 and name == entry.name and name.startswith("leftImg8bit/val/")
+
+
+def test_image_only_list_gives_no_label(demo, tmp_path):
+    root, lists = demo
+    test_list = tmp_path / "test.lst"
+    test_list.write_text("".join(line.split("\t")[0] + "\n" for line in open(lists["val"])))
+    image, label, _ = CityscapesDataset(root, str(test_list), training=False)[0]
+    assert image.shape == (3, HEIGHT, WIDTH) and label is None
+    with pytest.raises(DataError, match="image-only"):
+        CityscapesDataset(root, str(test_list), training=True)
+
+
+def test_training_crop_pads_with_zero_and_ignore(demo):
+    root, lists = demo
+    dataset = CityscapesDataset(root, lists["train"], crop_size=(64, 128), training=True)  # larger than 48x96
+    image, label, _ = dataset[0]
+    assert image.shape == (3, 64, 128) and label.shape == (64, 128) and label.dtype == torch.int64
+    # the image is 48x96 and the crop offset is 0: the bottom/right padding is image 0, label 255
+    assert (image[:, HEIGHT:] == 0).all() and (image[:, :, WIDTH:] == 0).all()
+    assert (label[HEIGHT:] == 255).all() and (label[:, WIDTH:] == 255).all()
+    full_image, full_label, _ = CityscapesDataset(root, lists["train"], training=False)[0]
+    torch.testing.assert_close(image[:, :HEIGHT, :WIDTH], full_image, rtol=0, atol=0)
+    torch.testing.assert_close(label[:HEIGHT, :WIDTH], full_label, rtol=0, atol=0)
+
+
+def test_augmentation_is_reproducible_and_varies_with_epoch(demo):
+    root, lists = demo
+    kwargs = dict(crop_size=(32, 48), scale=True, mirror=True, seed=7)
+    first, second = CityscapesDataset(root, lists["train"], **kwargs), CityscapesDataset(root, lists["train"], **kwargs)
+    for index in range(4):
+        assert torch.equal(first[index][0], second[index][0]) and torch.equal(first[index][1], second[index][1])
+    second.set_epoch(1)
+    assert any(not torch.equal(first[index][0], second[index][0]) for index in range(4))
+
+
+def test_mirror_and_scale_keep_image_and_label_aligned(demo):
+    """The label of every crop equals the (rescaled, flipped) label of the pixels the image crop shows."""
+    root, lists = demo
+    full_image, full_label, _ = CityscapesDataset(root, lists["train"], training=False)[0]
+    dataset = CityscapesDataset(root, lists["train"], crop_size=(HEIGHT, WIDTH), mirror=True, training=True)
+    flips = 0
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        image, label, _ = dataset[0]
+        flipped = not torch.equal(image, full_image)
+        flips += flipped
+        expected_image = full_image.flip(-1) if flipped else full_image
+        expected_label = full_label.flip(-1) if flipped else full_label
+        assert torch.equal(image, expected_image) and torch.equal(label, expected_label)
+    assert 0 < flips < 8
+    scaled = CityscapesDataset(root, lists["train"], crop_size=(200, 400), scale=True, training=True)
+    heights = set()
+    for epoch in range(12):
+        scaled.set_epoch(epoch)
+        image, _, _ = scaled[0]
+        heights.add(int((image != 0).any(0).any(1).sum()))  # the rows holding the rescaled image (not padding)
+    assert heights <= {round(HEIGHT * (0.7 + k / 10)) for k in range(15)} and len(heights) > 2
+
+
+def test_bad_list_line_is_a_one_line_error(demo, tmp_path):
+    root, lists = demo
+    bad_list = tmp_path / "bad.lst"
+    lines = open(lists["train"]).read().splitlines()
+    bad_list.write_text("\n".join([lines[0], "leftImg8bit/train/demoville/missing.png\t" + lines[0].split("\t")[1]]))
+    with pytest.raises(DataError) as error:
+        CityscapesDataset(root, str(bad_list))
+    message = str(error.value)
+    assert "\n" not in message and f"{bad_list} line 2" in message and "missing.png" in message
+    with pytest.raises(DataError, match="data dir not found"):
+        read_list(str(tmp_path / "nowhere"), lists["train"])
+    with pytest.raises(DataError, match="list file not found"):
+        read_list(root, str(tmp_path / "none.lst"))
+    bad_list.write_text("a b c\n")
+    with pytest.raises(DataError, match="line 1: expected"):
+        read_list(root, str(bad_list))
+
+
+def test_unreadable_image_and_size_mismatch_through_worker_processes(demo, tmp_path):
+    """A DataLoader worker's error arrives as a DataError with the one-line message, not a worker traceback."""
+    root = _copy(demo, tmp_path)
+    entries = read_list(str(root), str(root / "train.lst"))
+    with open(entries[1].image_path, "wb") as handle:
+        handle.write(b"not a png")
+    cv2.imwrite(entries[2].label_path, np.zeros((10, 10), np.uint8))
+    dataset = CityscapesDataset(str(root), str(root / "train.lst"), crop_size=(32, 32))
+    for index, expected in ((1, "line 2: cannot read image"), (2, "line 3: label .* is 10x10 but its image is 48x96")):
+        loader = DataLoader(torch.utils.data.Subset(dataset, [index]), batch_size=1, num_workers=1)
+        with pytest.raises(DataError, match=expected) as error:
+            next(iter(loader))
+        assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_generator_is_deterministic_and_uses_real_label_ids(demo, tmp_path):
+    root, lists = demo
+    again = generate(str(tmp_path / "again"), num_train=4, num_val=2, height=HEIGHT, width=WIDTH, seed=3)
+    for split in ("train", "val"):
+        names = open(lists[split]).read()
+        assert names == open(again[split]).read() and len(names.splitlines()) == {"train": 4, "val": 2}[split]
+    for entry in read_list(root, lists["train"]):
+        twin = os.path.join(str(tmp_path / "again"), entry.name)
+        assert open(entry.image_path, "rb").read() == open(twin, "rb").read()
+        label_ids = set(np.unique(cv2.imread(entry.label_path, cv2.IMREAD_GRAYSCALE)).tolist())
+        assert {7, 11, 21, 23, 24, 26} <= label_ids <= {1, 7, 11, 21, 23, 24, 26}
+    other = generate(str(tmp_path / "other"), num_train=1, num_val=0, height=HEIGHT, width=WIDTH, seed=4)
+    assert open(read_list(str(tmp_path / "other"), other["train"])[0].image_path, "rb").read() != \
+        open(read_list(root, lists["train"])[0].image_path, "rb").read()
+
+
+def test_make_lists_reproduces_the_original_format(demo, tmp_path, capsys):
+    root, lists = demo
+    written = make_lists(root, str(tmp_path))
+    assert written == {"train": 4, "val": 2, "trainval": 6}  # no test images in the demo: no test.lst
+    assert "no images" in capsys.readouterr().err
+    assert (tmp_path / "train.lst").read_text() == open(lists["train"]).read()
+    trainval = (tmp_path / "trainval.lst").read_text()
+    assert trainval == open(lists["train"]).read() + open(lists["val"]).read()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resumable_sampler_continues_the_epoch(world_size):
+    dataset = list(range(21))
+    for rank in range(world_size):
+        full = ResumableDistributedSampler(dataset, world_size, rank, seed=5)
+        full.set_epoch(3)
+        order = list(full)
+        resumed = ResumableDistributedSampler(dataset, world_size, rank, seed=5)
+        resumed.set_epoch(3, start=4)
+        assert list(resumed) == order[4:] and len(resumed) == len(order) - 4
+    full.set_epoch(4)
+    assert list(full) != order
