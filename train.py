@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--recurrence", type=int, default=2, help="R, the number of criss-cross attention loops")
     model.add_argument("--norm", choices=NORM_KINDS, default="auto",
                        help="normalization: auto = InPlaceABN if the inplace_abn package imports, else BatchNorm; "
-                            "synchronized across processes when there are several")
+                            "synchronized across GPU processes (on the CPU there is no synchronized kind: auto "
+                            "then gives per-process BatchNorm)")
     model.add_argument("--restore-from", default="./dataset/resnet101-imagenet.pth",
                        help="ImageNet weights for the backbone (if the file is absent: train from scratch, "
                             "with a warning; '' to skip silently)")
@@ -195,9 +196,20 @@ def _batches(dataset, sampler, loader, start_iteration: int, iterations_per_epoc
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def _build(args, device: torch.device, log):
+def _norm_kind(requested: str, world_size: int, device: torch.device) -> str:
+    """The concrete norm. Neither SyncBatchNorm nor InPlaceABNSync runs on the CPU: there, several processes
+    use per-process BatchNorm statistics (DDP copies rank 0's running statistics to all ranks at each forward)."""
+    kind = resolve_norm_kind(requested)
+    if device.type == "cpu" and world_size > 1 and kind in ("syncbn", "inplace_abn_sync"):
+        if requested != "auto":
+            raise TrainingError(f"--norm {requested} needs GPUs: synchronized normalization does not run on the CPU")
+        kind = "bn"
+    return kind
+
+
+def _build(args, norm: str, device: torch.device, log):
     torch.manual_seed(args.random_seed)  # the same initial weights on every rank
-    model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, args.norm)
+    model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, norm)
     if args.resume is None and args.restore_from:
         if os.path.isfile(args.restore_from):
             log(load_model_weights(model, args.restore_from).summary())
@@ -244,7 +256,8 @@ def train(args) -> torch.nn.Module:
             print(text, file=sys.stderr, flush=True)
 
     dataset, sampler, loader, iterations_per_epoch = _make_loader(args, rank, world_size, device)
-    model, optimizer = _build(args, device, log)
+    norm = _norm_kind(args.norm, world_size, device)
+    model, optimizer = _build(args, norm, device, log)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_iteration = 0
     if args.resume is not None:
@@ -274,7 +287,7 @@ def train(args) -> torch.nn.Module:
         if world_size > 1 else model
     criterion = CriterionDSN(args.ignore_label, ohem=args.ohem, ohem_thresh=args.ohem_thres,
                              ohem_keep=args.ohem_keep)
-    log(f"training {args.model}/{args.backbone} (norm {resolve_norm_kind(args.norm)}) on {world_size} process(es), "
+    log(f"training {args.model}/{args.backbone} (norm {norm}) on {world_size} process(es), "
         f"{device.type}, {args.batch_size // world_size} images each; {len(dataset)} samples, "
         f"{iterations_per_epoch} iterations per epoch; iterations {start_iteration + 1}..{args.num_steps}")
     logger = TrainingLogger(args.log_dir, args.num_steps, start_iteration, enabled=main_process)
