@@ -1,0 +1,191 @@
+"""Evaluate a CCNet snapshot on a Cityscapes list: mIoU table, result.json, and optionally the predictions.
+
+    python evaluate.py --data-dir CS --restore-from snapshots/CS_scenes_60000.pth            # sliding 769 tiles
+    python evaluate.py ... --whole --scales 0.75,1.0,1.25 --flip                              # multi-scale + flip
+    torchrun --nproc_per_node 4 evaluate.py ...                                               # distributed
+    python evaluate.py ... --data-list dataset/list/cityscapes/test.lst --save-pred outputs   # test server
+
+Inference (see ``utils.inference``): sliding window by default (tiles of ``--input-size``, 1/3 overlap, logits
+averaged: the original), ``--whole`` for one pass over the whole image; ``--scales`` / ``--flip`` average the
+logits of every scale and of the left-right mirrored image.
+
+Scores (see ``utils.metrics``): one confusion matrix over all valid pixels (summed over the processes under
+torchrun; each process takes a contiguous share of the list, so no image is counted twice or left out), IoU per
+class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if given, else beside the snapshot.
+
+``--save-pred DIR`` writes ``DIR/<stem>.png`` (paletted: pixel = train id, Cityscapes colours) and
+``DIR/labelIds/<image file name>`` (single channel, Cityscapes label ids, full resolution: the format of
+cityscapesScripts' evaluation and of the test server). Lists without labels (test.lst) are predicted, not scored.
+"""
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from dataset.cityscapes import CityscapesDataset, DataError
+from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
+from networks import BACKBONES, HEADS, build_model
+from utils.checkpoint import CheckpointError, load_model_weights
+from utils.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process
+from utils.inference import predict_logits, save_label_ids_png, save_paletted_png
+from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
+
+
+def _pair(text: str):
+    try:
+        height, width = (int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'H,W' (e.g. 769,769), got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return height, width
+
+
+def _scales(text: str):
+    try:
+        scales = [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 0.75,1.0,1.25), got {text!r}") from None
+    if any(scale <= 0 for scale in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return scales
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default="cityscapes", help="Cityscapes root (holds leftImg8bit/, gtFine/)")
+    parser.add_argument("--data-list", default="dataset/list/cityscapes/val.lst",
+                        help="list file, '<image>\\t<label>' lines (or '<image>' only: predict without scoring)")
+    parser.add_argument("--restore-from", required=True, help="snapshot: ours (train.py) or an original release")
+    parser.add_argument("--gpu", default=None,
+                        help="GPU ids to use, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES); 'cpu' for the CPU; "
+                             "default: the visible GPUs, else the CPU")
+    parser.add_argument("--model", default="ccnet", choices=HEADS, help="context head")
+    parser.add_argument("--backbone", default="resnet101", choices=tuple(BACKBONES), help="backbone")
+    parser.add_argument("--recurrence", type=int, default=2, help="R, criss-cross attention loops")
+    parser.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes the model predicts")
+    parser.add_argument("--input-size", type=_pair, default=(769, 769), help="sliding-window tile 'H,W'")
+    parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
+    parser.add_argument("--scales", type=_scales, default=[1.0], help="image scales to average, e.g. 0.75,1.0,1.25")
+    parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same-size images)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data loading processes per GPU/process")
+    parser.add_argument("--save-pred", default=None, metavar="DIR", help="write the predictions as PNGs to DIR")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.recurrence < 0:
+        parser.error(f"--recurrence must be >= 0, got {args.recurrence}")
+    if args.num_classes < 1:
+        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    return args
+
+
+def shard(length: int, rank: int, world_size: int) -> range:
+    """The contiguous share of ``range(length)`` that process ``rank`` of ``world_size`` evaluates: the shares
+    cover every index exactly once (no padding, unlike ``DistributedSampler``)."""
+    return range(rank * length // world_size, (rank + 1) * length // world_size)
+
+
+def collate(batch):
+    """Stack ``(image (3, H, W), label (H, W) or None, name)`` samples; labels stay None for image-only lists."""
+    images, labels, names = zip(*batch)
+    if len({tuple(image.shape) for image in images}) > 1:
+        raise DataError(f"images of different sizes in one batch ({', '.join(names)}): use --batch-size 1")
+    stacked_labels = None if labels[0] is None else torch.stack(labels)
+    return torch.stack(images), stacked_labels, list(names)
+
+
+def build_and_load(args, device: torch.device, verbose: bool = True) -> torch.nn.Module:
+    """The model of ``args`` with all the snapshot's weights (backbone-only ImageNet weights are refused), in eval
+    mode on ``device``.
+
+    Batch norm: every kind computes the same function in eval mode, so plain BatchNorm2d is used.
+    """
+    model = build_model(args.model, backbone=args.backbone, num_classes=args.num_classes,
+                        recurrence=args.recurrence, norm="bn")
+    report = load_model_weights(model, args.restore_from, backbone_only=False)
+    if verbose:
+        print(report.summary())
+    return model.to(device).eval()
+
+
+def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, show_progress: bool = True):
+    """Predict this process's share of ``dataset``; write PNGs if ``args.save_pred``.
+
+    Returns the ``(K, K)`` int64 confusion matrix of this share (on ``device``), or None if the list has no labels.
+    """
+    indices = shard(len(dataset), rank, world_size)
+    loader = DataLoader(Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    tile_size = None if args.whole else args.input_size
+    conf = None
+    for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
+        logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip)
+        prediction = logits.argmax(dim=1)  # (N, H, W) train ids
+        if labels is not None:
+            batch_conf = confusion_matrix(prediction, labels.to(device), args.num_classes, IGNORE_LABEL)
+            conf = batch_conf if conf is None else conf + batch_conf
+        if args.save_pred:
+            for train_ids, name in zip(prediction.to(torch.uint8).cpu().numpy(), names):
+                file_name = os.path.basename(name)
+                stem = os.path.splitext(file_name)[0]
+                save_paletted_png(os.path.join(args.save_pred, stem + ".png"), train_ids)
+                save_label_ids_png(os.path.join(args.save_pred, "labelIds", file_name), train_ids)
+    if conf is None and dataset.entries[0].label_path is not None:  # a labelled list, but an empty share
+        conf = torch.zeros(args.num_classes, args.num_classes, dtype=torch.int64, device=device)
+    return conf
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.gpu is not None and args.gpu != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    info = init_distributed(use_cuda=False if args.gpu == "cpu" else None)
+    try:
+        dataset = CityscapesDataset(args.data_dir, args.data_list, training=False)
+        labelled = dataset.entries[0].label_path is not None
+        if not labelled and not args.save_pred:
+            raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write predictions")
+        model = build_and_load(args, info.device, verbose=is_main_process())
+        start = time.time()
+        conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
+        if conf is not None:
+            all_reduce_sum(conf)
+        barrier()
+        if is_main_process():
+            mode = "whole image" if args.whole else f"sliding {args.input_size[0]}x{args.input_size[1]} tiles"
+            print(f"{len(dataset)} images from {args.data_list} in {time.time() - start:.1f} s on {info.world_size} "
+                  f"process(es): {mode}, scales {args.scales}, flip {args.flip}")
+            if args.save_pred:
+                print(f"predictions: {os.path.abspath(args.save_pred)} (colour) and "
+                      f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
+            if conf is not None:
+                scores = scores_from_confusion(conf)
+                class_names = CLASS_NAMES if args.num_classes == NUM_CLASSES else [str(k) for k in range(args.num_classes)]
+                print(format_scores_table(scores, class_names))
+                result_dir = args.save_pred or os.path.dirname(os.path.abspath(args.restore_from))
+                result_path = os.path.join(result_dir, "result.json")
+                write_result_json(result_path, scores, class_names, extra={
+                    "snapshot": os.path.abspath(args.restore_from), "data_list": args.data_list,
+                    "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
+                    "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence,
+                })
+                print(f"result: {result_path}")
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"evaluate.py: error: {error}")
