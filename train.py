@@ -255,8 +255,11 @@ def train(args) -> torch.nn.Module:
         if main_process:
             print(text, file=sys.stderr, flush=True)
 
-    dataset, sampler, loader, iterations_per_epoch = _make_loader(args, rank, world_size, device)
     norm = _norm_kind(args.norm, world_size, device)
+    if args.amp == "bf16" and norm.startswith("inplace_abn"):
+        raise TrainingError(f"--amp bf16 does not work with norm {norm} (InPlaceABN rejects bfloat16 "
+                            "activations): use --norm bn (or syncbn), or --amp fp16 on a GPU")
+    dataset, sampler, loader, iterations_per_epoch = _make_loader(args, rank, world_size, device)
     model, optimizer = _build(args, norm, device, log)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_iteration = 0
