@@ -104,6 +104,9 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
         world_size = torch.distributed.get_world_size(group) if _distributed() else 1
         if not self.training or world_size == 1:
             return _activate(_local_batch_norm(self, x), self.activation)
+        if x.device.type != "cuda":
+            raise ValueError(f"norm='syncbn' synchronizes CUDA tensors only, got a {x.device.type} input; "
+                             "use norm='bn' for several CPU processes")
         self.num_batches_tracked.add_(1)
         # The autograd function nn.SyncBatchNorm itself runs (it also updates the running statistics).
         x = _sync_batch_norm.apply(

@@ -90,3 +90,41 @@ def test_bn_fallback_matches_inplace_abn(activation):
         torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fallback.running_mean, reference.running_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fallback.running_var, reference.running_var, atol=1e-4, rtol=1e-4)
+
+
+def _synchronized_step(rank: int, world_size: int, port: int, inputs, upstream, results) -> None:
+    """One rank of test_syncbn_matches_bn_on_the_whole_batch: half the batch each, on its own GPU."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl", rank=rank, world_size=world_size)
+    norm = randomized(SyncBatchNormAct(6, activation="leaky_relu")).cuda().train()
+    share = inputs.chunk(world_size)[rank].cuda().requires_grad_()
+    out = norm(share)
+    out.backward(upstream.chunk(world_size)[rank].cuda())
+    results[rank] = (out.detach().cpu(), share.grad.cpu(), norm.weight.grad.cpu(), norm.running_var.cpu())
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_syncbn_matches_bn_on_the_whole_batch():
+    inputs, upstream = torch.randn(4, 6, 9, 11) * 2 + 1, torch.randn(4, 6, 9, 11)
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_synchronized_step, args=(2, 29517, inputs, upstream, results), nprocs=2)
+
+    reference = randomized(BatchNormAct(6, activation="leaky_relu")).train()
+    x = inputs.clone().requires_grad_()
+    out = reference(x)
+    out.backward(upstream)
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), out.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), x.grad, atol=1e-4, rtol=1e-4)
+    # Each rank holds its own share of the weight gradient (DDP sums them).
+    torch.testing.assert_close(results[0][2] + results[1][2], reference.weight.grad, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(results[0][3], reference.running_var, atol=1e-4, rtol=1e-4)
+
+
+def test_syncbn_refuses_cpu_tensors_when_synchronizing(monkeypatch):
+    norm = SyncBatchNormAct(4)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="norm='bn'"):
+        norm(torch.randn(2, 4, 3, 3))
