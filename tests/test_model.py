@@ -240,3 +240,22 @@ def test_upsample_logits_is_bilinear_align_corners():
     assert up.shape == (1, 1, 3, 5)
     torch.testing.assert_close(up[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]], torch.tensor([0.0, 1.0, 2.0, 3.0]))
     torch.testing.assert_close(up[0, 0, 1, 2], torch.tensor(1.5))
+
+
+def test_report_counts_the_attention_flops_exactly():
+    """networks.report counts the 1x1 projections and both einsum products of every recurrence loop."""
+    from networks.report import count_gflops
+
+    channels, (height, width) = BACKBONES["tiny"].head_width, (output_size(129), output_size(161))
+    pixels = height * width
+    macs_per_loop = (
+        pixels * channels * (channels // 8) * 2  # query and key projections
+        + pixels * channels * channels  # value projection
+        + pixels * (height + width) * (channels // 8)  # energies (row and full column, self masked afterwards)
+        + pixels * (height + width) * channels  # aggregation
+    )
+    for recurrence in (1, 2):
+        counted = count_gflops("ccnet", "tiny", recurrence, (129, 161))
+        assert counted["attention"] * 1e9 == pytest.approx(2 * macs_per_loop * recurrence, rel=1e-9)
+        assert counted["attention"] < counted["head"] < counted["total"]
+    assert count_gflops("baseline", "tiny", 0, (129, 161))["attention"] == 0
