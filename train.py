@@ -236,6 +236,24 @@ def _snapshot_state(model, optimizer, scaler, iteration: int, args, rng_states: 
 
 
 # ------------------------------------------------------------------------------------------------- training
+def forward_loss(network, criterion, images: torch.Tensor, labels: torch.Tensor, amp_dtype) -> torch.Tensor:
+    """The forward pass (under autocast when ``amp_dtype`` is set) and the loss (float32).
+
+    images (N, 3, H, W) preprocessed, labels (N, H, W) int64 train ids -> scalar loss.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        preds = network(images)
+    return criterion(preds, labels)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
+    """Backward (scaled for fp16) and one SGD step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train(args) -> torch.nn.Module:
     """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model."""
     if args.gpu is not None and args.gpu != "cpu":
@@ -304,19 +322,14 @@ def train(args) -> torch.nn.Module:
             labels = labels.to(device, non_blocking=True)
             lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
             set_lr(optimizer, lr)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                preds = network(images)
-            loss = criterion(preds, labels)
+            loss = forward_loss(network, criterion, images, labels, amp_dtype)
             # one all-reduce: the mean loss for the log, and whether any rank's loss is not finite
             stats = all_reduce_sum(torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()]))
             mean_loss, bad_ranks = stats[0].item() / world_size, int(stats[1].item())
             if bad_ranks:
                 raise TrainingError(f"non-finite loss at iteration {iteration + 1} (on {bad_ranks} process(es)); "
                                     f"stopped. Last good snapshot: {last_snapshot or 'none written yet'}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler)
             done = iteration + 1
             logger.log(done, loss=mean_loss, lr=lr)
             if done % args.save_pred_every == 0 or done == args.num_steps:
