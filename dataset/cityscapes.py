@@ -56,7 +56,8 @@ def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[L
     if not os.path.isdir(data_dir):
         raise DataError(f"data dir not found: {data_dir}")
     if not os.path.isfile(list_path):
-        raise DataError(f"list file not found: {list_path}")
+        raise DataError(f"list file not found: {list_path} (for Cityscapes, `python -m dataset.make_lists "
+                        "CS_ROOT` writes train/val/trainval/test.lst to dataset/list/cityscapes/)")
     entries = []
     with open(list_path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
