@@ -46,6 +46,20 @@ def _pair(text: str):
     return height, width
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _scales(text: str):
     try:
         scales = [float(value) for value in text.split(",")]
@@ -56,36 +70,46 @@ def _scales(text: str):
     return scales
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default="cityscapes", help="Cityscapes root (holds leftImg8bit/, gtFine/)")
-    parser.add_argument("--data-list", default="dataset/list/cityscapes/val.lst",
-                        help="list file, '<image>\\t<label>' lines (or '<image>' only: predict without scoring)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--restore-from --model --backbone --recurrence --num-classes --gpu`` (shared with predict.py and
+    visualize_attention.py)."""
     parser.add_argument("--restore-from", required=True, help="snapshot: ours (train.py) or an original release")
+    parser.add_argument("--model", default="ccnet", choices=HEADS, help="context head")
+    parser.add_argument("--backbone", default="resnet101", choices=tuple(BACKBONES), help="backbone")
+    parser.add_argument("--recurrence", type=_non_negative, default=2, help="R, criss-cross attention loops")
+    parser.add_argument("--num-classes", type=_positive, default=NUM_CLASSES, help="classes the model predicts")
     parser.add_argument("--gpu", default=None,
                         help="GPU ids to use, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES); 'cpu' for the CPU; "
                              "default: the visible GPUs, else the CPU")
-    parser.add_argument("--model", default="ccnet", choices=HEADS, help="context head")
-    parser.add_argument("--backbone", default="resnet101", choices=tuple(BACKBONES), help="backbone")
-    parser.add_argument("--recurrence", type=int, default=2, help="R, criss-cross attention loops")
-    parser.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes the model predicts")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--input-size --whole --scales --flip`` (shared with predict.py)."""
     parser.add_argument("--input-size", type=_pair, default=(769, 769), help="sliding-window tile 'H,W'")
     parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
     parser.add_argument("--scales", type=_scales, default=[1.0], help="image scales to average, e.g. 0.75,1.0,1.25")
     parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same-size images)")
-    parser.add_argument("--num-workers", type=int, default=2, help="data loading processes per GPU/process")
+
+
+def apply_gpu_choice(gpu: Optional[str]) -> bool:
+    """Honour ``--gpu`` (before CUDA is first used); returns whether to compute on CUDA."""
+    if gpu is not None and gpu != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu != "cpu" and torch.cuda.is_available()
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default="cityscapes", help="Cityscapes root (holds leftImg8bit/, gtFine/)")
+    parser.add_argument("--data-list", default="dataset/list/cityscapes/val.lst",
+                        help="list file, '<image>\\t<label>' lines (or '<image>' only: predict without scoring)")
+    add_model_arguments(parser)
+    add_inference_arguments(parser)
+    parser.add_argument("--batch-size", type=_positive, default=1, help="images per forward pass (same-size images)")
+    parser.add_argument("--num-workers", type=_non_negative, default=2, help="data loading processes per process")
     parser.add_argument("--save-pred", default=None, metavar="DIR", help="write the predictions as PNGs to DIR")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_workers < 0:
-        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.recurrence < 0:
-        parser.error(f"--recurrence must be >= 0, got {args.recurrence}")
-    if args.num_classes < 1:
-        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
-    return args
+    return parser.parse_args(argv)
 
 
 def shard(length: int, rank: int, world_size: int) -> range:
@@ -146,9 +170,7 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.gpu is not None and args.gpu != "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
-    info = init_distributed(use_cuda=False if args.gpu == "cpu" else None)
+    info = init_distributed(use_cuda=apply_gpu_choice(args.gpu))
     try:
         dataset = CityscapesDataset(args.data_dir, args.data_list, training=False)
         labelled = dataset.entries[0].label_path is not None

@@ -1,0 +1,90 @@
+"""Segment arbitrary images with a CCNet snapshot: colour predictions and overlays.
+
+    python predict.py --restore-from snapshots/CS_scenes_60000.pth photo.jpg street/ --output predictions
+    python predict.py --restore-from demo_run/snapshots/CS_scenes_300.pth --backbone tiny --whole demo_data/leftImg8bit/val
+
+Inputs: image files and/or folders (their images, not recursive), of any size, in any format OpenCV reads (PNG,
+JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<stem>``, writes to ``--output``:
+
+* ``<stem>.png``: the prediction as a paletted PNG (pixel = train id, shown in the Cityscapes colours);
+* ``<stem>_overlay.jpg``: the colours blended over the image (``--alpha``).
+
+Inference is evaluate.py's (sliding window of ``--input-size`` tiles by default, ``--whole``, ``--scales``,
+``--flip``).
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import cv2
+import torch
+
+from dataset.transforms import image_to_tensor
+from evaluate import add_inference_arguments, add_model_arguments, apply_gpu_choice, build_and_load
+from utils.checkpoint import CheckpointError
+from utils.inference import overlay, predict_logits, save_paletted_png
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def find_images(inputs: Sequence[str]) -> List[str]:
+    """The image files named in ``inputs``, folders expanded to their images (sorted); a missing path is an error."""
+    images = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                           if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            images += found
+        elif os.path.isfile(path):
+            images.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {path}")
+    stems = {}
+    for path in images:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            raise ValueError(f"two inputs would write the same outputs '{stem}.png': {stems[stem]} and {path}")
+        stems[stem] = path
+    return images
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--output", default="predictions", help="folder for the predictions and overlays")
+    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlays")
+    add_model_arguments(parser)
+    add_inference_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    images = find_images(args.inputs)
+    device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
+    model = build_and_load(args, device)
+    tile_size = None if args.whole else args.input_size
+    os.makedirs(args.output, exist_ok=True)
+    for path in images:
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"cannot read image {path}")
+        logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip)
+        train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        stem = os.path.splitext(os.path.basename(path))[0]
+        save_paletted_png(os.path.join(args.output, stem + ".png"), train_ids)
+        cv2.imwrite(os.path.join(args.output, stem + "_overlay.jpg"), overlay(image, train_ids, args.alpha))
+        print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {os.path.join(args.output, stem)}.png, _overlay.jpg")
+    print(f"{len(images)} image(s) segmented into {os.path.abspath(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"predict.py: error: {error}")

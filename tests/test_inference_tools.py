@@ -1,0 +1,107 @@
+"""predict.py on images of any size and format; visualize_attention.py's attention maps against a dense
+recomputation."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+import visualize_attention
+from dataset.transforms import image_to_tensor
+from networks import build_model
+from utils.checkpoint import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("snap") / "tiny.pth"
+    model = build_model(backbone="tiny", norm="bn")
+    with torch.no_grad():
+        model.head.cca.gamma.fill_(1.0)  # the second loop's input then depends on the first loop
+    save_checkpoint({"model": model.state_dict()}, path)
+    return str(path)
+
+
+def _random_image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_predict_writes_colour_predictions_and_overlays_for_any_size_and_format(snapshot, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "odd.jpg"), _random_image(45, 70))
+    cv2.imwrite(str(folder / "grey.png"), _random_image(33, 50, 1)[..., 0])
+    (folder / "notes.txt").write_text("not an image")
+    single = tmp_path / "big.bmp"
+    cv2.imwrite(str(single), _random_image(60, 90, 2))
+    out = tmp_path / "out"
+    args = ["--restore-from", snapshot, "--backbone", "tiny", "--input-size", "32,32", "--gpu", "cpu",
+            "--output", str(out), str(folder), str(single)]
+    assert predict.main(args) == 0
+    for stem, size in [("odd", (45, 70)), ("grey", (33, 50)), ("big", (60, 90))]:
+        prediction = Image.open(out / f"{stem}.png")
+        assert prediction.mode == "P" and prediction.size == size[::-1]
+        assert np.asarray(prediction).max() < 19
+        assert cv2.imread(str(out / f"{stem}_overlay.jpg")).shape == (*size, 3)
+    assert sorted(os.listdir(out)) == sorted(f"{s}{e}" for s in ("odd", "grey", "big") for e in (".png", "_overlay.jpg"))
+
+
+def test_predict_refuses_missing_inputs_and_clashing_names(snapshot, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        predict.find_images([str(tmp_path / "nowhere.png")])
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        cv2.imwrite(str(tmp_path / sub / "same.png"), _random_image(8, 8))
+    with pytest.raises(ValueError, match="same"):
+        predict.find_images([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def _dense_attention(x, cca):
+    """Dense (hw, hw) criss-cross attention computed from scratch: softmax of q.k over row and column of p."""
+    query, key = cca.query_conv(x)[0].flatten(1), cca.key_conv(x)[0].flatten(1)  # (C', hw)
+    height, width = x.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    cross = (ys[:, None] == ys[None, :]) | (xs[:, None] == xs[None, :])
+    energy = (query.t() @ key).masked_fill(~cross, float("-inf"))
+    return torch.softmax(energy, dim=1)
+
+
+def test_attention_maps_compose_two_criss_cross_hops(snapshot):
+    model = build_model(backbone="tiny", norm="bn").eval()
+    model.load_state_dict(torch.load(snapshot)["model"])
+    images = image_to_tensor(_random_image(40, 56))
+    inputs = []
+    model.head.cca.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    attentions, logits = visualize_attention.capture_attention(model, images)
+    height, width = logits.shape[-2:]
+    assert len(attentions) == 2 == len(inputs) and attentions[0].shape == (1, height + width - 1, height, width)
+    with torch.no_grad():
+        dense = [_dense_attention(x, model.head.cca) for x in inputs]
+    point = (2, 5)
+    p = point[0] * width + point[1]
+    one_loop, two_loops = visualize_attention.context_maps(attentions, point)
+    torch.testing.assert_close(one_loop.flatten(), dense[0][p])
+    torch.testing.assert_close(two_loops.flatten(), (dense[1] @ dense[0])[p])
+    assert float(one_loop.sum()) == pytest.approx(1.0) and float(two_loops.sum()) == pytest.approx(1.0)
+    off_cross = torch.ones(height, width, dtype=torch.bool)
+    off_cross[point[0], :] = False
+    off_cross[:, point[1]] = False
+    assert torch.all(one_loop[off_cross] == 0)  # one hop: the row and column only
+    assert torch.all(two_loops > 0)  # two hops: the whole image
+
+
+def test_visualize_attention_writes_one_row_per_point_beside_the_image(snapshot, tmp_path):
+    image_path = tmp_path / "scene.png"
+    cv2.imwrite(str(image_path), _random_image(48, 64))
+    args = ["--restore-from", snapshot, "--backbone", "tiny", "--gpu", "cpu", str(image_path),
+            "--point", "10,20", "--point", "47,63"]
+    assert visualize_attention.main(args) == 0
+    figure = cv2.imread(str(tmp_path / "scene_attention.png"))
+    assert figure.shape == (2 * 48, 3 * 64, 3)  # rows: points; columns: prediction, R=1, R=2
+    with pytest.raises(ValueError, match="outside"):
+        visualize_attention.main(args[:-4] + ["--point", "48,0"])

@@ -1,0 +1,170 @@
+"""The paper's attention figure: where a chosen point gathers its context from, after R=1 and R=2 loops.
+
+    python visualize_attention.py --restore-from snapshots/CS_scenes_60000.pth IMAGE --point 400,1000
+    python visualize_attention.py --restore-from demo_run/snapshots/CS_scenes_300.pth --backbone tiny \\
+        demo_data/leftImg8bit/val/demoville/demoville_000001_000000_leftImg8bit.png --point 90,128 --point 30,60
+
+One loop of criss-cross attention lets the pixel ``p`` aggregate the pixels ``u`` on its row and column with
+weights ``A1[p, u]`` (a softmax: they sum to 1). The second loop, with the same module, aggregates the first
+loop's outputs along the cross of ``p`` again, so the weight of ``u`` after two loops is
+``sum_z A2[p, z] * A1[z, u]``: two criss-cross hops, which reach every pixel of the image. This script runs the
+network once on the whole image, captures the input of every loop of ``model.head.cca`` (a forward pre-hook),
+recomputes each loop's attention ``A_r = softmax(ca_weight(q, k))`` with the reference functions of
+``cc_attention``, and composes the hops with the transpose of ``ca_map`` (its vector-Jacobian product).
+
+Output (default: beside the image, ``<stem>_attention.png``): one row per ``--point``: the image with the point
+and the prediction, then the map after each loop (R = 1, 2, ...), each divided by its maximum and shown on a
+square-root colour scale (so that the small two-hop weights far from the point stay visible).
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from cc_attention.reference import ca_map_reference, ca_weight_reference
+from dataset.transforms import image_to_tensor
+from evaluate import add_model_arguments, apply_gpu_choice, build_and_load
+from networks import upsample_logits
+from utils.checkpoint import CheckpointError
+from utils.inference import overlay
+
+
+def capture_attention(model, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Run ``model`` on ``(1, 3, H, W)`` images; returns the attention of every criss-cross loop, each
+    ``(1, h+w-1, h, w)`` (softmax over dim 1), and the main logits ``(1, K, h, w)``."""
+    cca = model.head.cca
+    inputs = []
+    hook = cca.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            logits = model(images)[0]
+            attentions = [torch.softmax(ca_weight_reference(cca.query_conv(x), cca.key_conv(x)), dim=1) for x in inputs]
+    finally:
+        hook.remove()
+    return attentions, logits
+
+
+def spread_back(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The transpose of one criss-cross aggregation: ``out[u] = sum_p weights[p] * attention[p -> u]``.
+
+    ``attention`` ``(1, h+w-1, h, w)``, ``weights`` ``(1, 1, h, w)`` -> ``(1, 1, h, w)``.
+    """
+    with torch.enable_grad():
+        values = torch.zeros_like(weights, requires_grad=True)
+        aggregated = ca_map_reference(attention, values)
+        (gradient,) = torch.autograd.grad(aggregated, values, grad_outputs=weights)
+    return gradient
+
+
+def context_maps(attentions: Sequence[torch.Tensor], point: Tuple[int, int]) -> List[torch.Tensor]:
+    """For the feature-map pixel ``point = (y, x)``: after ``r`` loops (r = 1 .. R), the weight with which every
+    pixel ``u`` reaches ``point`` through the attention, ``(A_r ... A_1)[point, u]``. Returns R maps ``(h, w)``,
+    each summing to 1."""
+    height, width = attentions[0].shape[-2:]
+    maps = []
+    for loops in range(1, len(attentions) + 1):
+        weights = attentions[0].new_zeros(1, 1, height, width)
+        weights[0, 0, point[0], point[1]] = 1.0
+        for attention in reversed(attentions[:loops]):
+            weights = spread_back(attention, weights)
+        maps.append(weights[0, 0])
+    return maps
+
+
+def feature_point(point: Tuple[int, int], image_size: Tuple[int, int], feature_size: Tuple[int, int]):
+    """Image pixel ``(y, x)`` -> nearest feature-map pixel under the corner-aligned mapping of the upsampling."""
+    return tuple(int(round(p * (f - 1) / max(s - 1, 1))) for p, s, f in zip(point, image_size, feature_size))
+
+
+def _heatmap(image_bgr: np.ndarray, weights: torch.Tensor, label: str) -> np.ndarray:
+    height, width = image_bgr.shape[:2]
+    normalized = (weights / weights.max().clamp(min=1e-12)).sqrt().cpu().numpy().astype(np.float32)
+    resized = cv2.resize(normalized, (width, height), interpolation=cv2.INTER_NEAREST)
+    colours = cv2.applyColorMap((255 * resized).astype(np.uint8), cv2.COLORMAP_JET)
+    panel = cv2.addWeighted(image_bgr, 0.4, colours, 0.6, 0)
+    return _caption(panel, label)
+
+
+def _caption(panel: np.ndarray, text: str) -> np.ndarray:
+    scale = max(0.4, panel.shape[0] / 400)
+    cv2.putText(panel, text, (5, int(20 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 2, cv2.LINE_AA)
+    cv2.putText(panel, text, (5, int(20 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return panel
+
+
+def _mark(panel: np.ndarray, point: Tuple[int, int]) -> np.ndarray:
+    radius = max(3, panel.shape[0] // 60)
+    cv2.circle(panel, (point[1], point[0]), radius, (255, 255, 255), -1)
+    cv2.circle(panel, (point[1], point[0]), radius, (0, 0, 0), max(1, radius // 3))
+    return panel
+
+
+def render(image_bgr: np.ndarray, train_ids: np.ndarray, point: Tuple[int, int], maps: Sequence[torch.Tensor]):
+    """One row: the prediction overlay with the point, then one heatmap per loop count."""
+    panels = [_caption(_mark(overlay(image_bgr, train_ids), point), f"point (y={point[0]}, x={point[1]})")]
+    panels += [_mark(_heatmap(image_bgr, weights, f"R={r}"), point) for r, weights in enumerate(maps, start=1)]
+    return np.concatenate(panels, axis=1)
+
+
+def _point(text: str) -> Tuple[int, int]:
+    try:
+        y, x = (int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'y,x' pixel coordinates, got {text!r}") from None
+    return y, x
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("image", help="image file (any size and common format)")
+    parser.add_argument("--point", type=_point, action="append", required=True,
+                        help="'y,x' pixel of the image (after --scale); repeat for several rows")
+    parser.add_argument("--scale", type=float, default=1.0, help="resize the image first (e.g. 0.5 on a CPU)")
+    parser.add_argument("--output", default=None, help="PNG to write (default: beside the image, <stem>_attention.png)")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.recurrence < 1:
+        parser.error("--recurrence must be >= 1: with R=0 there is no attention to show")
+    if args.model != "ccnet":
+        parser.error("--model must be ccnet: only the RCCA head has criss-cross attention")
+    if args.scale <= 0:
+        parser.error(f"--scale must be positive, got {args.scale}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    image = cv2.imread(args.image, cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"cannot read image {args.image}")
+    if args.scale != 1.0:
+        image = cv2.resize(image, None, fx=args.scale, fy=args.scale, interpolation=cv2.INTER_LINEAR)
+    height, width = image.shape[:2]
+    for y, x in args.point:
+        if not (0 <= y < height and 0 <= x < width):
+            raise ValueError(f"--point {y},{x} lies outside the {height}x{width} image")
+    device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
+    model = build_and_load(args, device)
+    attentions, logits = capture_attention(model, image_to_tensor(image).to(device))
+    train_ids = upsample_logits(logits, (height, width)).argmax(1)[0].to(torch.uint8).cpu().numpy()
+    rows = []
+    for point in args.point:
+        maps = context_maps(attentions, feature_point(point, (height, width), logits.shape[-2:]))
+        rows.append(render(image, train_ids, point, maps))
+    output = args.output or os.path.splitext(args.image)[0] + "_attention.png"
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    cv2.imwrite(output, np.concatenate(rows, axis=0))
+    print(f"attention of {len(args.point)} point(s) after R = 1..{len(attentions)} loops: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"visualize_attention.py: error: {error}")
