@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Train and evaluate CCNet in one go.
+#
+#   ./run_local.sh CS_PATH   the original recipe on Cityscapes: torchrun over the GPUs in GPU_IDS (default: all
+#                            visible), ResNet-101 from ImageNet weights, --random-mirror --random-scale, OHEM
+#                            0.7 / 100000, R=2, 769x769 crops, batch 8, 60000 steps, lr 1e-2, weight decay 1e-4;
+#                            then evaluates snapshots/CS_scenes_60000.pth on the val list (sliding window).
+#   ./run_local.sh           the demo, on the CPU: generates a small synthetic Cityscapes-format dataset, trains
+#                            the tiny configuration for a few minutes, evaluates it, prints the mIoU table and the
+#                            folder of colorized predictions.
+#
+# Every number is an environment variable, e.g. `STEPS=40000 BS=16 GPU_IDS=0,1 ./run_local.sh /data/cityscapes`
+# or `DEMO_STEPS=50 ./run_local.sh`. PYTHON (default .venv/bin/python if present, else python3) runs everything.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+start=$SECONDS
+
+if [[ $# -ge 1 ]]; then
+    CS_PATH=$1
+    LR=${LR:-1e-2}
+    WD=${WD:-1e-4}
+    BS=${BS:-8}
+    STEPS=${STEPS:-60000}
+    INPUT_SIZE=${INPUT_SIZE:-769}
+    RECURRENCE=${RECURRENCE:-2}
+    OHEM=${OHEM:-1}
+    OHEM_THRES=${OHEM_THRES:-0.7}
+    OHEM_KEEP=${OHEM_KEEP:-100000}
+    BACKBONE=${BACKBONE:-resnet101}
+    RESTORE_FROM=${RESTORE_FROM:-./dataset/resnet101-imagenet.pth}
+    SNAPSHOT_DIR=${SNAPSHOT_DIR:-snapshots}
+    NUM_WORKERS=${NUM_WORKERS:-4}
+    TRAIN_LIST=${TRAIN_LIST:-./dataset/list/cityscapes/train.lst}
+    VAL_LIST=${VAL_LIST:-./dataset/list/cityscapes/val.lst}
+    if [[ -z "${GPU_IDS:-}" ]]; then
+        GPU_IDS=$("$PYTHON" -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
+    fi
+    if [[ -z "$GPU_IDS" ]]; then
+        echo "run_local.sh: no GPU visible (set GPU_IDS, or run ./run_local.sh without arguments for the CPU demo)" >&2
+        exit 1
+    fi
+    NPROC=$(awk -F, '{print NF}' <<<"$GPU_IDS")
+    for list in "$TRAIN_LIST" "$VAL_LIST"; do
+        if [[ ! -f "$list" ]]; then
+            echo "run_local.sh: $list is missing: writing the lists with dataset.make_lists $CS_PATH"
+            "$PYTHON" -m dataset.make_lists "$CS_PATH" --out-dir "$(dirname "$list")"
+            break
+        fi
+    done
+    export CUDA_VISIBLE_DEVICES=$GPU_IDS
+    set -x
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py \
+        --data-dir "$CS_PATH" --data-list "$TRAIN_LIST" --model ccnet --backbone "$BACKBONE" \
+        --restore-from "$RESTORE_FROM" --random-mirror --random-scale \
+        --input-size "$INPUT_SIZE,$INPUT_SIZE" --learning-rate "$LR" --weight-decay "$WD" --batch-size "$BS" \
+        --num-steps "$STEPS" --recurrence "$RECURRENCE" \
+        --ohem "$OHEM" --ohem-thres "$OHEM_THRES" --ohem-keep "$OHEM_KEEP" \
+        --num-workers "$NUM_WORKERS" --snapshot-dir "$SNAPSHOT_DIR"
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" evaluate.py \
+        --data-dir "$CS_PATH" --data-list "$VAL_LIST" --model ccnet --backbone "$BACKBONE" \
+        --restore-from "$SNAPSHOT_DIR/CS_scenes_$STEPS.pth" --recurrence "$RECURRENCE" \
+        --input-size "$INPUT_SIZE,$INPUT_SIZE" --batch-size 1 --num-workers "$NUM_WORKERS"
+    { set +x; } 2>/dev/null
+    echo "done in $(( (SECONDS - start) / 60 )) min"
+    exit 0
+fi
+
+# ---- the demo: CPU only, a few minutes ----
+DEMO_DATA=${DEMO_DATA:-demo_data}
+DEMO_RUN=${DEMO_RUN:-demo_run}
+DEMO_TRAIN=${DEMO_TRAIN:-24}
+DEMO_VAL=${DEMO_VAL:-8}
+DEMO_HEIGHT=${DEMO_HEIGHT:-128}
+DEMO_WIDTH=${DEMO_WIDTH:-256}
+DEMO_CROP=${DEMO_CROP:-128,256}
+DEMO_BS=${DEMO_BS:-8}
+DEMO_STEPS=${DEMO_STEPS:-300}
+DEMO_LR=${DEMO_LR:-1e-2}
+export CUDA_VISIBLE_DEVICES=""
+
+echo "== 1/3 generating $DEMO_TRAIN + $DEMO_VAL synthetic ${DEMO_HEIGHT}x${DEMO_WIDTH} scenes in $DEMO_DATA/"
+"$PYTHON" -m dataset.generate_demo "$DEMO_DATA" --num-train "$DEMO_TRAIN" --num-val "$DEMO_VAL" \
+    --height "$DEMO_HEIGHT" --width "$DEMO_WIDTH"
+rm -rf "$DEMO_RUN"
+echo "== 2/3 training the tiny CCNet (R=2) on the CPU: $DEMO_STEPS steps, batch $DEMO_BS, crops $DEMO_CROP"
+"$PYTHON" train.py --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/train.lst" --backbone tiny --restore-from '' \
+    --random-mirror --random-scale --input-size "$DEMO_CROP" --batch-size "$DEMO_BS" --num-steps "$DEMO_STEPS" \
+    --learning-rate "$DEMO_LR" --recurrence 2 --num-workers 1 --snapshot-dir "$DEMO_RUN/snapshots" \
+    --save-pred-every "$DEMO_STEPS"
+echo "== 3/3 evaluating $DEMO_RUN/snapshots/CS_scenes_$DEMO_STEPS.pth on $DEMO_DATA/val.lst"
+"$PYTHON" evaluate.py --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/val.lst" --backbone tiny --recurrence 2 \
+    --restore-from "$DEMO_RUN/snapshots/CS_scenes_$DEMO_STEPS.pth" --whole --num-workers 0 \
+    --save-pred "$DEMO_RUN/predictions"
+echo "colorized predictions: $(cd "$DEMO_RUN/predictions" && pwd)"
+echo "demo done in $((SECONDS - start)) s"
