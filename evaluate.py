@@ -123,6 +123,8 @@ def collate(batch):
     images, labels, names = zip(*batch)
     if len({tuple(image.shape) for image in images}) > 1:
         raise DataError(f"images of different sizes in one batch ({', '.join(names)}): use --batch-size 1")
+    if any(label is None for label in labels) and any(label is not None for label in labels):
+        raise DataError(f"some images have labels and some not ({', '.join(names)}): use one kind of list line")
     stacked_labels = None if labels[0] is None else torch.stack(labels)
     return torch.stack(images), stacked_labels, list(names)
 
