@@ -25,12 +25,16 @@ def tiny_model():
     return build_model(backbone="tiny", norm="bn").eval()
 
 
-@pytest.mark.parametrize("size", [(769, 769), (129, 129), (97, 131), (65, 33), (1024, 2048)])
-def test_resnet101_output_shapes_on_meta(size):
-    """The full network, shapes only (meta tensors: no memory, no compute)."""
+@pytest.fixture(scope="module")
+def meta_resnet101():
+    """The full network on the meta device: shapes only, no memory, no compute."""
     with torch.device("meta"):
-        model = build_model(norm="bn")
-        main, aux = model(torch.empty(2, 3, *size))
+        return build_model(norm="bn")
+
+
+@pytest.mark.parametrize("size", [(769, 769), (129, 129), (97, 131), (65, 33), (1024, 2048)])
+def test_resnet101_output_shapes_on_meta(meta_resnet101, size):
+    main, aux = meta_resnet101(torch.empty(2, 3, *size, device="meta"))
     expected = (2, 19, output_size(size[0]), output_size(size[1]))
     assert main.shape == expected and aux.shape == expected
 
@@ -38,7 +42,7 @@ def test_resnet101_output_shapes_on_meta(size):
 def test_output_stride_formula_covers_many_sizes():
     with torch.device("meta"):
         model = build_model(backbone="tiny", norm="bn")
-        for size in range(17, 60):
+        for size in range(17, 41):  # every residue modulo 8, three times
             main, _ = model(torch.empty(1, 3, size, size + 3))
             assert main.shape[-2:] == (output_size(size), output_size(size + 3)), size
 
@@ -200,9 +204,8 @@ def expected_resnet101_keys(num_classes: int = 19):
     return shapes
 
 
-def test_resnet101_state_dict_matches_the_original_names_and_shapes():
-    with torch.device("meta"):
-        model = build_model(norm="bn")
+def test_resnet101_state_dict_matches_the_original_names_and_shapes(meta_resnet101):
+    model = meta_resnet101
     got = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     expected = expected_resnet101_keys()
     assert set(got) - set(expected) == set() and set(expected) - set(got) == set()
