@@ -118,3 +118,15 @@ def test_bad_scales_raise():
         predict_logits(StridedNet(), _images(), None, scales=())
     with pytest.raises(ValueError, match="positive"):
         predict_logits(StridedNet(), _images(), None, scales=(0.0,))
+
+
+def test_tiny_ccnet_sliding_equals_whole_on_one_tile_and_tiles_any_size():
+    from networks import build_model
+
+    torch.manual_seed(0)
+    model = build_model(backbone="tiny", norm="bn").eval()
+    images = _images(n=1, h=48, w=72)
+    one_tile = predict_logits(model, images, tile_size=(48, 72))
+    assert torch.equal(one_tile, predict_logits(model, images, tile_size=None))
+    tiled = predict_logits(model, images, tile_size=(32, 32), scales=(0.5, 1.25), flip=True)
+    assert tiled.shape == (1, 19, 48, 72) and torch.isfinite(tiled).all()
