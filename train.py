@@ -304,8 +304,10 @@ def train(args) -> torch.nn.Module:
         raise TrainingError(f"--resume {args.resume} is at iteration {start_iteration}, --num-steps is "
                             f"{args.num_steps}: nothing to do")
 
-    network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
+    network = model
+    if world_size > 1:  # with R = 0 the attention's parameters receive no gradient
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=args.model == "ccnet" and args.recurrence == 0)
     criterion = CriterionDSN(args.ignore_label, ohem=args.ohem, ohem_thresh=args.ohem_thres,
                              ohem_keep=args.ohem_keep)
     log(f"training {args.model}/{args.backbone} (norm {norm}) on {world_size} process(es), "
