@@ -106,3 +106,16 @@ def test_defaults_are_the_papers():
             args.num_steps, args.save_pred_every, args.recurrence, args.ohem, args.ohem_thres, args.ohem_keep,
             args.num_classes, args.ignore_label, args.snapshot_dir, args.amp) == \
         (8, [769, 769], 1e-2, 0.9, 1e-4, 0.9, 60000, 10000, 2, False, 0.7, 100000, 19, 255, "snapshots/", "off")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_gpu_training_with_amp(demo, tmp_path, amp):
+    root, train_list = demo
+    argv = ["--data-dir", root, "--data-list", train_list, "--backbone", "tiny", "--norm", "bn", "--gpu", "0",
+            "--input-size", "48,96", "--batch-size", "2", "--num-steps", "3", "--num-workers", "0",
+            "--restore-from", "", "--snapshot-dir", str(tmp_path), "--amp", amp, "--ohem", "1"]
+    assert train.main(argv) == 0
+    snapshot = load_checkpoint(tmp_path / "CS_scenes_3.pth")
+    assert all(torch.isfinite(value).all() for value in snapshot["model"].values() if value.is_floating_point())
+    assert (snapshot["scaler"] != {}) == (amp == "fp16")
