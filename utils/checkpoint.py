@@ -48,11 +48,19 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (``mkstemp`` makes it 0600): 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
