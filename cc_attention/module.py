@@ -11,6 +11,14 @@ class CrissCrossAttention(nn.Module):
     ``forward(x) = gamma * ca_map(softmax(ca_weight(q, k)), v) + x`` with 1x1-conv projections ``q, k``
     (``in_dim -> in_dim // 8``) and ``v`` (``in_dim -> in_dim``); ``gamma`` starts at zero.
 
+    The three projections run as one matrix product with the concatenated weights (one large GEMM is faster than
+    three 1x1 convolutions); the parameters stay the three ``nn.Conv2d`` of the original.
+
+    Args:
+        in_dim: channels of the input.
+        backend: ``None`` (``$CCNET_CC_BACKEND``, else ``"auto"``), ``"auto"``, ``"cuda"``, ``"cpu"`` or
+            ``"reference"``; see :mod:`cc_attention.backends`.
+
     Shapes: ``x`` ``(N, in_dim, H, W)`` -> ``(N, in_dim, H, W)``.
     """
 
@@ -22,6 +30,25 @@ class CrissCrossAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
         self.backend = backend
 
+    def project(self, x: torch.Tensor):
+        """Query, key and value of ``x`` ``(N, C, H, W)``: ``(N, C//8, H, W)`` twice and ``(N, C, H, W)``.
+
+        They are channel slices of one ``(N, 2 * (C//8) + C, H, W)`` tensor (contiguous per sample).
+        """
+        n, channels, height, width = x.shape
+        convs = (self.query_conv, self.key_conv, self.value_conv)
+        weight = torch.cat([conv.weight.flatten(1) for conv in convs])  # (2 * C//8 + C, C)
+        bias = torch.cat([conv.bias for conv in convs])
+        pixels = x.reshape(n, channels, height * width)
+        qkv = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), pixels)
+        sizes = [conv.out_channels for conv in convs]
+        return [t.view(n, -1, height, width) for t in torch.split(qkv, sizes, dim=1)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x), self.backend)
-        return self.gamma * out + x
+        if x.dim() != 4 or x.shape[1] != self.value_conv.in_channels:
+            raise ValueError(
+                f"CrissCrossAttention({self.value_conv.in_channels}) expects x of shape (N, "
+                f"{self.value_conv.in_channels}, H, W); got {tuple(x.shape)}"
+            )
+        query, key, value = self.project(x)
+        return self.gamma * criss_cross_attention(query, key, value, self.backend) + x
