@@ -41,10 +41,21 @@ def _cpu_flags() -> tuple:
     return compile_flags, link_flags
 
 
-def _cuda_environment() -> None:
-    """Make a CUDA build work on a machine that has nvcc but no visible GPU (CI): default CUDA_HOME and arch list."""
-    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and Path("/usr/local/cuda").is_dir():
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+def _prepare_cuda_build(cpp_extension) -> None:
+    """Settings a CUDA build needs beyond torch's defaults.
+
+    * CUDA_HOME: ``$CUDA_HOME`` / ``$CUDA_PATH``, else ``/usr/local/cuda`` when it exists. torch guesses it once, at
+      import, from the ``nvcc`` on the PATH, which is wrong when that ``nvcc`` is a wrapper script outside the
+      toolkit (then ``-lcudart`` is not found).
+    * TORCH_CUDA_ARCH_LIST: ``9.0`` when no GPU is visible (CI compiles the sources without a GPU; torch otherwise
+      fails looking for the GPU's architecture).
+    """
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home is None and Path("/usr/local/cuda/bin/nvcc").exists():
+        cuda_home = "/usr/local/cuda"
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
@@ -65,7 +76,7 @@ def build_extension(kind: str, verbose: bool = False):
     if kind == "cuda":
         if torch.version.cuda is None:
             raise RuntimeError(f"this torch build ({torch.__version__}) has no CUDA support")
-        _cuda_environment()
+        _prepare_cuda_build(cpp_extension)
         return cpp_extension.load(
             name="ccnet_cc_attention_cuda",
             sources=[str(_CSRC / "cuda" / "cc_attention_cuda.cu")],
