@@ -105,6 +105,36 @@ class _CaMap(torch.autograd.Function):
         return None, grad_attention, grad_value
 
 
+def _softmax_(energy: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1, in place (the energies are not kept: saves one attention-sized buffer)."""
+    energy.sub_(energy.amax(dim=1, keepdim=True)).exp_()
+    return energy.div_(energy.sum(dim=1, keepdim=True))
+
+
+class _CrissCrossAttention(torch.autograd.Function):
+    """ca_map(softmax(ca_weight(query, key)), value) on a kernel module, fused: the softmax and its backward run in
+    place and only the attention (not the energies) is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, kernel_module, query, key, value):
+        attention = _softmax_(kernel_module.ca_weight_forward(query, key))
+        ctx.kernel_module = kernel_module
+        ctx.save_for_backward(query, key, value, attention)
+        return kernel_module.ca_map_forward(attention, value)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, attention = ctx.saved_tensors
+        grad_attention, grad_value = ctx.kernel_module.ca_map_backward(
+            grad_out.to(value.dtype).contiguous(), attention, value
+        )
+        # Softmax backward, in place: grad_energy = attention * (grad_attention - sum_k attention * grad_attention).
+        grad_energy = grad_attention.sub_((grad_attention * attention).sum(dim=1, keepdim=True)).mul_(attention)
+        grad_query, grad_key = ctx.kernel_module.ca_weight_backward(grad_energy, query, key)
+        return None, grad_query, grad_key, grad_value
+
+
 def ca_weight(query: torch.Tensor, key: torch.Tensor, backend=None) -> torch.Tensor:
     """Criss-cross energies: ``(N, C', H, W) x (N, C', H, W) -> (N, H+W-1, H, W)``.
 
@@ -136,10 +166,14 @@ def ca_map(attention: torch.Tensor, value: torch.Tensor, backend=None) -> torch.
 
 def criss_cross_attention(query, key, value, backend=None) -> torch.Tensor:
     """``ca_map(softmax(ca_weight(query, key), dim=1), value)``: ``(N, C', H, W)``, ``(N, C', H, W)``,
-    ``(N, C, H, W)`` -> ``(N, C, H, W)``."""
+    ``(N, C, H, W)`` -> ``(N, C, H, W)``. On a kernel backend the three steps run as one autograd node."""
     query, key, value = _autocast(query, key, value)
     _check_weight_inputs(query, key)
     _check_common(query=query, value=value)
     if query.shape[0] != value.shape[0] or query.shape[2:] != value.shape[2:]:
         raise ValueError(f"query and value must agree in N, H and W; got {_describe(query=query, value=value)}")
-    return ca_map(torch.softmax(ca_weight(query, key, backend), dim=1), value, backend)
+    name, kernel_module = backends.select(backend, value)
+    if kernel_module is None:
+        return ca_map_reference(torch.softmax(ca_weight_reference(query, key), dim=1), value)
+    _check_kernel_layout(name, query=query, key=key, value=value)
+    return _CrissCrossAttention.apply(kernel_module, query, key, value)

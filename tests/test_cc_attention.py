@@ -9,7 +9,7 @@ from cc_attention import CrissCrossAttention, backends, ca_map, ca_weight, criss
 from cc_attention.reference import ca_map_reference, ca_weight_reference
 
 # (N, C, H, W): H != W, batch > 1, odd sizes, 1 x W and H x 1, and more channels than one kernel pass (64).
-SHAPES = [(2, 3, 5, 7), (1, 4, 6, 6), (3, 2, 9, 4), (1, 3, 1, 8), (2, 3, 7, 1), (1, 70, 5, 6)]
+SHAPES = [(2, 3, 5, 7), (1, 4, 6, 6), (3, 2, 9, 4), (1, 3, 1, 8), (2, 3, 7, 1), (1, 70, 5, 6)]  # C=70: 3 passes
 
 
 def _inputs(shape, dtype=torch.float64, seed=0):
@@ -54,6 +54,24 @@ def test_cpu_kernel_matches_reference(shape, dtype, cpu_kernel):
     actual = _forward_backward("cpu", *_inputs(shape, dtype))
     for name, a, e in zip(["energy", "out", "grad query", "grad key", "grad value"], actual, expected):
         torch.testing.assert_close(a, e, **tolerance, msg=lambda m: f"{name} {shape}: {m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_attention_matches_reference(shape, cpu_kernel):
+    """criss_cross_attention on a kernel is one autograd node (in-place softmax); compare values and gradients."""
+    def run(backend):
+        query, key, value = _inputs(shape)
+        out = criss_cross_attention(query, key, value, backend)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        return [out, *torch.autograd.grad((out * weights).sum(), (query, key, value))]
+
+    for name, a, e in zip(["out", "grad query", "grad key", "grad value"], run("cpu"), run("reference")):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} {shape}: {m}")
+
+
+def test_fused_attention_gradcheck(cpu_kernel):
+    query, key, value = _inputs((2, 2, 3, 4))
+    assert torch.autograd.gradcheck(lambda q, k, v: criss_cross_attention(q, k, v, "cpu"), (query, key, value))
 
 
 def test_kernel_takes_channel_slices(cpu_kernel):

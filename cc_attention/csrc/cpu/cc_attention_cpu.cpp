@@ -218,11 +218,12 @@ void column_channels_to_transposed_matrices(const T* attention, T* M, int64_t H,
 }
 
 // Channels per pass of a column part: the transposed copies of one pass stay small and in cache.
-constexpr int64_t kChannelsPerPass = 64;
+constexpr int64_t kChannelsPerPass = 32;
 
-// Scratch elements the products below need.
-int64_t scratch_size(int64_t H, int64_t W) {
-  return W * H * H + 2 * kChannelsPerPass * H * W + H * W * W;
+// Scratch elements of the products below: per-column matrices, two transposed passes, and (scatter only) the
+// transposed row attention.
+int64_t scratch_size(int64_t H, int64_t W, bool with_rows) {
+  return W * H * H + 2 * kChannelsPerPass * H * W + (with_rows ? H * W * W : 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ at::Tensor batched(const at::Tensor& first, const at::Tensor& second, std::vecto
 // affinity(a, b): (N, C, H, W) x (N, C, H, W) -> (N, H+W-1, H, W).
 at::Tensor affinity_batched(const at::Tensor& a, const at::Tensor& b) {
   const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
-  return batched(a, b, {a.size(0), H + W - 1, H, W}, scratch_size(H, W), [&](auto pa, auto pb, auto po, auto s) {
+  return batched(a, b, {a.size(0), H + W - 1, H, W}, scratch_size(H, W, false), [&](auto pa, auto pb, auto po, auto s) {
     affinity(pa, pb, po, s, C, H, W);
   });
 }
@@ -330,7 +331,7 @@ at::Tensor affinity_batched(const at::Tensor& a, const at::Tensor& b) {
 // gather(attention, v): (N, H+W-1, H, W) x (N, C, H, W) -> (N, C, H, W).
 at::Tensor gather_batched(const at::Tensor& attention, const at::Tensor& v) {
   const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
-  return batched(attention, v, {v.size(0), C, H, W}, scratch_size(H, W), [&](auto pa, auto pv, auto po, auto s) {
+  return batched(attention, v, {v.size(0), C, H, W}, scratch_size(H, W, false), [&](auto pa, auto pv, auto po, auto s) {
     gather(pa, pv, po, s, C, H, W);
   });
 }
@@ -338,7 +339,7 @@ at::Tensor gather_batched(const at::Tensor& attention, const at::Tensor& v) {
 // scatter(attention, g): (N, H+W-1, H, W) x (N, C, H, W) -> (N, C, H, W).
 at::Tensor scatter_batched(const at::Tensor& attention, const at::Tensor& g) {
   const int64_t C = g.size(1), H = g.size(2), W = g.size(3);
-  return batched(attention, g, {g.size(0), C, H, W}, scratch_size(H, W),
+  return batched(attention, g, {g.size(0), C, H, W}, scratch_size(H, W, true),
                  [&](auto pa, auto pg, auto po, auto s) { scatter(pa, pg, po, s, C, H, W); });
 }
 

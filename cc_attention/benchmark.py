@@ -1,0 +1,264 @@
+"""Benchmark of the criss-cross attention op and the RCCA block against a non-local block.
+
+    python -m cc_attention.benchmark [--batch 1 2] [--size 97] [--channels 512] [--repeats 5] [--device cpu]
+
+Prints a Markdown table: for every workload (the op alone: ca_weight + softmax + ca_map; RCCA with R=2: the
+module, 1x1 projections included, applied twice; a non-local block, embedded Gaussian, inter channels C/2) and
+every backend available on the device: forward and forward+backward time (median of --repeats after a warm-up),
+peak memory, achieved GFLOP/s (and as a share of the measured GEMM ceiling), and ratios against the reference
+(plain PyTorch) row of the same workload. Peak memory: on CPU the peak resident set growth of a fresh process
+that runs the workload once (Linux: the VmHWM counter reset before each phase); on CUDA max_memory_allocated.
+"""
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from . import backends
+from .functions import criss_cross_attention
+from .module import CrissCrossAttention
+
+RECURRENCE = 2
+
+
+class NonLocalBlock(nn.Module):
+    """Non-local block (Wang et al. 2018), embedded Gaussian, inter channels C/2: ``z = W softmax(theta^T phi) g + x``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        inter = channels // 2
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Conv2d(channels, inter, 1)
+        self.g = nn.Conv2d(channels, inter, 1)
+        self.out = nn.Conv2d(inter, channels, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        theta, phi, g = (conv(x).flatten(2) for conv in (self.theta, self.phi, self.g))  # (N, C/2, HW)
+        affinity = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # (N, HW, HW)
+        y = (g @ affinity.transpose(1, 2)).view(n, -1, h, w)
+        return self.out(y) + x
+
+
+def _flops(workload: str, n: int, c: int, size: int) -> float:
+    """Multiply-adds x 2 of the convolutions and products (softmax and elementwise ops not counted)."""
+    pixels = size * size
+    keys = 2 * size - 1
+    op = 2 * n * pixels * keys * (c // 8 + c)
+    if workload == "op":
+        return op
+    if workload == "rcca":
+        projections = 2 * n * pixels * c * (2 * (c // 8) + c)
+        return RECURRENCE * (projections + op)
+    return 2 * n * (pixels * c * c * 2 + pixels * pixels * c)  # non-local: 3 + 1 convs, two HW x HW products
+
+
+def _build(workload: str, backend: str, n: int, c: int, size: int, device: str):
+    """(forward closure, inputs needing grad, output-gradient tensor) for one table row."""
+    generator = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=generator).to(device)  # noqa: E731
+    if workload == "op":
+        inputs = [randn(n, c // 8, size, size), randn(n, c // 8, size, size), randn(n, c, size, size)]
+        run = lambda: criss_cross_attention(*inputs, backend=backend)  # noqa: E731
+    elif workload == "rcca":
+        torch.manual_seed(0)
+        module = CrissCrossAttention(c, backend=None if backend == "reference" else backend).to(device)
+        nn.init.constant_(module.gamma, 0.5)
+        inputs = [randn(n, c, size, size)]
+        if backend == "reference":  # plain PyTorch: three 1x1 convolutions and the reference op
+            def step(x):
+                q, k, v = module.query_conv(x), module.key_conv(x), module.value_conv(x)
+                return module.gamma * criss_cross_attention(q, k, v, backend="reference") + x
+        else:
+            step = module
+
+        def run():
+            x = inputs[0]
+            for _ in range(RECURRENCE):
+                x = step(x)
+            return x
+    else:
+        module = NonLocalBlock(c).to(device)
+        inputs = [randn(n, c, size, size)]
+        run = lambda: module(inputs[0])  # noqa: E731
+    for t in inputs:
+        t.requires_grad_()
+    return run, inputs, randn(n, c, size, size)
+
+
+def _synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(function, repeats: int, device: str) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up."""
+    function()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        function()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _phases(run, inputs, grad):
+    def forward():
+        with torch.no_grad():
+            run()
+
+    def forward_backward():
+        run().backward(grad)
+        for t in inputs:
+            t.grad = None
+
+    return forward, forward_backward
+
+
+# --- peak memory ------------------------------------------------------------------------------------------------
+
+def _rss_reset() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _cpu_peak_worker(workload, backend, n, c, size):
+    """In a fresh process: peak RSS growth (MiB) of one forward and of one forward+backward."""
+    run, inputs, grad = _build(workload, backend, n, c, size, "cpu")
+    small_run, _, small_grad = _build(workload, backend, 1, c, 3, "cpu")
+    small_run().backward(small_grad)  # loads kernels, starts threads
+    peaks = []
+    for phase in _phases(run, inputs, grad):
+        if _rss_reset():
+            before = _rss_kib("VmRSS")
+            phase()
+            peaks.append((_rss_kib("VmHWM") - before) / 1024)
+        else:  # high-water mark since start: an upper bound
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            phase()
+            peaks.append((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    return peaks
+
+
+def _peak_memory(workload, backend, n, c, size, device):
+    if device == "cuda":
+        run, inputs, grad = _build(workload, backend, n, c, size, device)
+        peaks = []
+        for phase in _phases(run, inputs, grad):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            phase()
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return peaks
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_cpu_peak_worker, (workload, backend, n, c, size))
+
+
+def gemm_ceiling(device: str, repeats: int) -> float:
+    """GFLOP/s of a large float32 torch.mm on the device (TF32 off)."""
+    size = 2048 if device == "cpu" else 8192
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        seconds = _time(lambda: torch.mm(a, b), repeats, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * size**3 / seconds / 1e9
+
+
+def rows_for(device: str):
+    """(workload, label, backend) of every table row on the device."""
+    kernel = device if backends.kernels(device) is not None else None
+    rows = []
+    for workload, name in (("op", "op (ca_weight + softmax + ca_map)"), ("rcca", f"RCCA R={RECURRENCE}")):
+        rows.append((workload, name, "reference"))
+        if kernel:
+            rows.append((workload, name, kernel))
+    rows.append(("nonlocal", "non-local (C/2)", "-"))
+    return rows
+
+
+def run_benchmark(batches, size, channels, repeats, device):
+    ceiling = gemm_ceiling(device, repeats)
+    lines = [
+        f"Device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}; input N x {channels} x {size} x {size}, "
+        f"float32; GEMM ceiling (torch.mm float32): {ceiling:.0f} GFLOP/s.",
+        "",
+        "| N | workload | backend | fwd ms | fwd+bwd ms | peak MiB fwd | peak MiB fwd+bwd | GFLOP/s fwd (% ceiling) "
+        "| speed-up fwd / fwd+bwd | memory fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in batches:
+        reference = {}
+        for workload, label, backend in rows_for(device):
+            run, inputs, grad = _build(workload, backend, n, channels, size, device)
+            forward, forward_backward = _phases(run, inputs, grad)
+            times = [_time(forward, repeats, device), _time(forward_backward, repeats, device)]
+            del run, inputs, grad, forward, forward_backward
+            peaks = _peak_memory(workload, backend, n, channels, size, device)
+            key = "rcca" if workload == "nonlocal" else workload
+            if backend == "reference":
+                reference[key] = (times, peaks)
+            ref_times, ref_peaks = reference[key]
+            gflops = _flops(workload, n, channels, size) / times[0] / 1e9
+            lines.append(
+                f"| {n} | {label} | {backend} | {times[0] * 1e3:.1f} | {times[1] * 1e3:.1f} | {peaks[0]:.0f} | "
+                f"{peaks[1]:.0f} | {gflops:.0f} ({100 * gflops / ceiling:.0f}%) | "
+                f"{ref_times[0] / times[0]:.2f}x / {ref_times[1] / times[1]:.2f}x | "
+                f"{peaks[0] / max(ref_peaks[0], 1e-9):.2f} / {peaks[1] / max(ref_peaks[1], 1e-9):.2f} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)  # progress; the whole table goes to stdout
+    lines += [
+        "",
+        "Ratios: against the reference row of the same workload (the non-local block against RCCA's reference: plain "
+        "PyTorch, three 1x1 convolutions and the reference op). speed-up = reference time / time; memory = peak / "
+        "reference peak. FLOPs count the 1x1 projections and the attention products (multiply-adds x 2).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="batch sizes (default: 1 2)")
+    parser.add_argument("--size", type=int, default=97, help="feature map height = width (default: 97)")
+    parser.add_argument("--channels", type=int, default=512, help="input channels C (default: 512)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, >= 1 (default: 5)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.size < 1 or args.channels < 8 or min(args.batch) < 1:
+        parser.error("--repeats, --size and --batch must be >= 1 and --channels >= 8")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
+    os.environ.pop(backends.ENV_VAR, None)  # rows name their backend explicitly
+    print(run_benchmark(args.batch, args.size, args.channels, args.repeats, args.device))
+
+
+if __name__ == "__main__":
+    main()
