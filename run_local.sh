@@ -87,7 +87,7 @@ export CUDA_VISIBLE_DEVICES=""
 echo "== 1/3 generating $DEMO_TRAIN + $DEMO_VAL synthetic ${DEMO_HEIGHT}x${DEMO_WIDTH} scenes in $DEMO_DATA/"
 "$PYTHON" -m dataset.generate_demo "$DEMO_DATA" --num-train "$DEMO_TRAIN" --num-val "$DEMO_VAL" \
     --height "$DEMO_HEIGHT" --width "$DEMO_WIDTH"
-rm -rf "$DEMO_RUN"
+rm -rf "$DEMO_RUN/snapshots" "$DEMO_RUN/predictions"  # a fresh run, not a resumed one
 echo "== 2/3 training the tiny CCNet (R=2) on the CPU: $DEMO_STEPS steps, batch $DEMO_BS, crops $DEMO_CROP"
 "$PYTHON" train.py --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/train.lst" --backbone tiny --restore-from '' \
     --random-mirror --random-scale --input-size "$DEMO_CROP" --batch-size "$DEMO_BS" --num-steps "$DEMO_STEPS" \
