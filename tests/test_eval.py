@@ -149,3 +149,23 @@ def test_wrong_checkpoint_is_a_clear_error(demo, tmp_path):
     args[args.index(str(tmp_path / "imagenet.pth"))] = str(tmp_path / "nothing.pth")
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         evaluate.main(args)
+
+
+def test_scores_agree_with_the_official_cityscapes_scripts(demo, tmp_path, monkeypatch):
+    official = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    out = tmp_path / "pred"
+    evaluate.main(_args(demo, "--save-pred", str(out)))
+    ours = json.loads((out / "result.json").read_text())
+    for name, value in [("predictionPath", str(out / "labelIds")), ("predictionWalk", None),
+                        ("evalInstLevelScore", False), ("JSONOutput", False), ("quiet", True)]:
+        monkeypatch.setattr(official.args, name, value)
+    ground_truths = sorted(str(path) for path in (demo["root"] / "data" / "gtFine" / "val").glob("*/*_labelIds.png"))
+    predictions = [official.getPrediction(official.args, path) for path in ground_truths]
+    theirs = official.evaluateImgLists(predictions, ground_truths, official.args)
+    assert ours["mean_iou"] == pytest.approx(theirs["averageScoreClasses"], abs=1e-12)
+    for name in evaluate.CLASS_NAMES:
+        value = theirs["classScores"][name]
+        if np.isnan(value):
+            assert ours["iou"][name] is None
+        else:
+            assert ours["iou"][name] == pytest.approx(value, abs=1e-12)
