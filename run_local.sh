@@ -9,6 +9,7 @@
 #                            the tiny configuration for a few minutes, evaluates it, prints the mIoU table and the
 #                            folder of colorized predictions.
 #
+# GPU_IDS=cpu (with NPROC processes, default 1) runs the same recipe on the CPU, e.g. to check a set-up.
 # Every number is an environment variable, e.g. `STEPS=40000 BS=16 GPU_IDS=0,1 ./run_local.sh /data/cityscapes`
 # or `DEMO_STEPS=50 ./run_local.sh`. PYTHON (default .venv/bin/python if present, else python3) runs everything.
 set -euo pipefail
@@ -33,7 +34,7 @@ if [[ $# -ge 1 ]]; then
     OHEM_THRES=${OHEM_THRES:-0.7}
     OHEM_KEEP=${OHEM_KEEP:-100000}
     BACKBONE=${BACKBONE:-resnet101}
-    RESTORE_FROM=${RESTORE_FROM:-./dataset/resnet101-imagenet.pth}
+    RESTORE_FROM=${RESTORE_FROM-./dataset/resnet101-imagenet.pth}  # empty: from scratch
     SNAPSHOT_DIR=${SNAPSHOT_DIR:-snapshots}
     NUM_WORKERS=${NUM_WORKERS:-4}
     TRAIN_LIST=${TRAIN_LIST:-./dataset/list/cityscapes/train.lst}
@@ -42,10 +43,17 @@ if [[ $# -ge 1 ]]; then
         GPU_IDS=$("$PYTHON" -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
     fi
     if [[ -z "$GPU_IDS" ]]; then
-        echo "run_local.sh: no GPU visible (set GPU_IDS, or run ./run_local.sh without arguments for the CPU demo)" >&2
+        echo "run_local.sh: no GPU visible (set GPU_IDS; GPU_IDS=cpu runs NPROC CPU processes; or run" \
+             "./run_local.sh without arguments for the CPU demo)" >&2
         exit 1
     fi
-    NPROC=$(awk -F, '{print NF}' <<<"$GPU_IDS")
+    if [[ "$GPU_IDS" == cpu ]]; then   # e.g. to check a set-up on a small dataset
+        NPROC=${NPROC:-1}
+        DEVICE=(--gpu cpu)
+    else
+        NPROC=$(awk -F, '{print NF}' <<<"$GPU_IDS")
+        DEVICE=(--gpu "$GPU_IDS")
+    fi
     for list in "$TRAIN_LIST" "$VAL_LIST"; do
         if [[ ! -f "$list" ]]; then
             echo "run_local.sh: $list is missing: writing the lists with dataset.make_lists $CS_PATH"
@@ -53,7 +61,6 @@ if [[ $# -ge 1 ]]; then
             break
         fi
     done
-    export CUDA_VISIBLE_DEVICES=$GPU_IDS
     set -x
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py \
         --data-dir "$CS_PATH" --data-list "$TRAIN_LIST" --model ccnet --backbone "$BACKBONE" \
@@ -61,11 +68,11 @@ if [[ $# -ge 1 ]]; then
         --input-size "$INPUT_SIZE,$INPUT_SIZE" --learning-rate "$LR" --weight-decay "$WD" --batch-size "$BS" \
         --num-steps "$STEPS" --recurrence "$RECURRENCE" \
         --ohem "$OHEM" --ohem-thres "$OHEM_THRES" --ohem-keep "$OHEM_KEEP" \
-        --num-workers "$NUM_WORKERS" --snapshot-dir "$SNAPSHOT_DIR"
+        --num-workers "$NUM_WORKERS" --snapshot-dir "$SNAPSHOT_DIR" "${DEVICE[@]}"
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" evaluate.py \
         --data-dir "$CS_PATH" --data-list "$VAL_LIST" --model ccnet --backbone "$BACKBONE" \
         --restore-from "$SNAPSHOT_DIR/CS_scenes_$STEPS.pth" --recurrence "$RECURRENCE" \
-        --input-size "$INPUT_SIZE,$INPUT_SIZE" --batch-size 1 --num-workers "$NUM_WORKERS"
+        --input-size "$INPUT_SIZE,$INPUT_SIZE" --batch-size 1 --num-workers "$NUM_WORKERS" "${DEVICE[@]}"
     { set +x; } 2>/dev/null
     echo "done in $(( (SECONDS - start) / 60 )) min"
     exit 0
