@@ -169,3 +169,18 @@ def test_scores_agree_with_the_official_cityscapes_scripts(demo, tmp_path, monke
             assert ours["iou"][name] is None
         else:
             assert ours["iou"][name] == pytest.approx(value, abs=1e-12)
+
+
+def test_original_release_format_gives_the_same_scores(demo, tmp_path):
+    """A raw DataParallel state dict (``module.`` keys, no ``num_batches_tracked``), as the original released."""
+    state = torch.load(demo["snapshot"])["model"]
+    original = {"module." + key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    torch.save(original, tmp_path / "CS_scenes_60000.pth")
+    args = _args(demo, "--whole", "--save-pred")
+    evaluate.main(args + [str(tmp_path / "ours")])
+    args[args.index(demo["snapshot"])] = str(tmp_path / "CS_scenes_60000.pth")
+    evaluate.main(args + [str(tmp_path / "original")])
+    ours = json.loads((tmp_path / "ours" / "result.json").read_text())
+    theirs = json.loads((tmp_path / "original" / "result.json").read_text())
+    assert ours.pop("snapshot") != theirs.pop("snapshot")
+    assert ours == theirs
