@@ -9,10 +9,10 @@
 //   gather(A, v)[c, y, x]    = sum_k A[k, y, x] v[c, key_k(y, x)]          ca_map; grad of query in ca_weight
 //   scatter(A, g)[c, p]      = sum_{(k, y, x): key_k(y, x) = p} A[k, y, x] g[c, y, x]
 //                                                                          grad of value / key
-// Each splits into a row part (a small GEMM per image row) and a column part, which is the row part of the
-// (H, W)-transposed tensors (transposed in passes of a few channels) with the column channels of the attention
-// spread into a dense per-column (H, H) matrix with a zero diagonal. The GEMM micro-kernel keeps a block of
-// accumulators in vector registers (GCC/Clang vector extension) and streams contiguous rows.
+// Each splits into a row part (a batch of small GEMMs, one per image row) and a column part (one per image column,
+// with the column channels of the attention spread into a dense (H, H) matrix with a zero diagonal). Each GEMM
+// packs its panels into contiguous buffers; the micro-kernel keeps a block of accumulators in vector registers
+// (GCC/Clang vector extension) and streams them.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -87,10 +87,10 @@ constexpr int kRows = 4;        // 16 vector registers: 4 x 2 accumulators
 constexpr int kRowVectors = 2;
 #endif
 
-// O[a, x] (+)= sum_z P[z * pz + a] * Q[z * qz + x] for a < R, x < min(NV * lanes, valid).
+// O[a * oa + x * ox] (+)= sum_z P[z * pz + a] * Q[z * qz + x] for a < R, x < min(NV * lanes, valid).
 template <typename T, int R, int NV>
 inline void row_tile(const T* __restrict P, int64_t pz, const T* __restrict Q, int64_t qz, T* __restrict O,
-                     int64_t oa, int64_t Z, int64_t valid, bool accumulate) {
+                     int64_t oa, int64_t ox, int64_t Z, int64_t valid, bool accumulate) {
   constexpr int L = kLanes<T>;
   Vector<T> acc[R][NV] = {};
   for (int64_t z = 0; z < Z; ++z) {
@@ -103,74 +103,65 @@ inline void row_tile(const T* __restrict P, int64_t pz, const T* __restrict Q, i
   }
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) {
-      T* out = O + i * oa + v * L;
+      T* out = O + i * oa + v * L * ox;
       const int64_t count = std::min<int64_t>(L, valid - v * L);
-      if (count == L) {
+      if (count == L && ox == 1) {
         store(out, accumulate ? load(out) + acc[i][v] : acc[i][v]);
-      } else if (count > 0) {  // the row's last, partial vector
+      } else if (count > 0) {  // the row's last, partial vector, or a strided output
         T lanes[L];
         store(lanes, acc[i][v]);
-        for (int64_t e = 0; e < count; ++e) out[e] = accumulate ? out[e] + lanes[e] : lanes[e];
+        for (int64_t e = 0; e < count; ++e) out[e * ox] = accumulate ? out[e * ox] + lanes[e] : lanes[e];
       }
     }
 }
 
-// O[a, x] (+)= sum_z P[z * pz + a] * Q[z * qz + x] for a < R, x < X (Q rows padded to whole vectors).
+// O[a * oa + x * ox] (+)= sum_z P[z * pz + a] * Q[z * qz + x] for a < R, x < X (Q rows padded to whole vectors).
 template <typename T, int R>
-void row_block(const T* P, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t Z, int64_t X,
+void row_block(const T* P, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t ox, int64_t Z, int64_t X,
                bool accumulate) {
   constexpr int L = kLanes<T>;
   int64_t x = 0;
   for (; x + kRowVectors * L <= X; x += kRowVectors * L)
-    row_tile<T, R, kRowVectors>(P, pz, Q + x, qz, O + x, oa, Z, X - x, accumulate);
-  for (; x < X; x += L) row_tile<T, R, 1>(P, pz, Q + x, qz, O + x, oa, Z, X - x, accumulate);
+    row_tile<T, R, kRowVectors>(P, pz, Q + x, qz, O + x * ox, oa, ox, Z, X - x, accumulate);
+  for (; x < X; x += L) row_tile<T, R, 1>(P, pz, Q + x, qz, O + x * ox, oa, ox, Z, X - x, accumulate);
 }
 
 template <typename T, int R = kRows>
-void row_blocks(const T* P, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t A, int64_t Z, int64_t X,
-                bool accumulate) {
+void row_blocks(const T* P, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t ox, int64_t A, int64_t Z,
+                int64_t X, bool accumulate) {
   int64_t a = 0;
-  for (; a + R <= A; a += R) row_block<T, R>(P + a, pz, Q, qz, O + a * oa, oa, Z, X, accumulate);
+  for (; a + R <= A; a += R) row_block<T, R>(P + a, pz, Q, qz, O + a * oa, oa, ox, Z, X, accumulate);
   if constexpr (R > 1)
-    if (a < A) row_blocks<T, R - 1>(P + a, pz, Q, qz, O + a * oa, oa, A - a, Z, X, accumulate);
+    if (a < A) row_blocks<T, R - 1>(P + a, pz, Q, qz, O + a * oa, oa, ox, A - a, Z, X, accumulate);
 }
 
-// For every image row y < H: O_y[a, x] (+)= sum_z P_y[a, z] * Q_y[z, x] for a < A, z < Z, x < X, where
-// P_y[a, z] = P[y * p_row + a * pa + z * pz], Q_y[z, x] = Q[y * q_row + z * qz + x], O_y[a, x] = O[y * o_row +
-// a * oa + x]. In parallel over y; each y first packs its panels (any strides, e.g. channel strides of H*W).
+// Element strides of the three operands of a batch of small GEMMs O_r = P_r Q_r (r: the batch index).
+struct Strides {
+  int64_t batch, rows, cols;
+};
+
+// For every r < batches: O_r[a, x] (+)= sum_z P_r[a, z] * Q_r[z, x] for a < A, z < Z, x < X, where
+// P_r[a, z] = P[r * p.batch + a * p.rows + z * p.cols], Q_r[z, x] = Q[r * q.batch + z * q.rows + x * q.cols],
+// O_r[a, x] = O[r * o.batch + a * o.rows + x * o.cols]. In parallel over r; each r first packs its panels into
+// contiguous buffers (so any strides stream well, e.g. channel strides of H*W).
 template <typename T>
-void row_product(const T* P, int64_t p_row, int64_t pa, int64_t pz, const T* Q, int64_t q_row, int64_t qz, T* O,
-                 int64_t o_row, int64_t oa, int64_t H, int64_t A, int64_t Z, int64_t X, bool accumulate) {
+void batched_gemm(const T* P, Strides p, const T* Q, Strides q, T* O, Strides o, int64_t batches, int64_t A,
+                  int64_t Z, int64_t X, bool accumulate) {
   const int64_t padded = (X + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batches, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P_packed(Z * A), Q_packed(Z * padded, T(0));  // the padding columns stay zero
-    for (int64_t y = begin; y < end; ++y) {
-      copy_2d<T>(P + y * p_row, pz, pa, P_packed.data(), A, 1, Z, A);
-      copy_2d<T>(Q + y * q_row, qz, 1, Q_packed.data(), padded, 1, Z, X);
-      row_blocks<T>(P_packed.data(), A, Q_packed.data(), padded, O + y * o_row, oa, A, Z, X, accumulate);
+    for (int64_t r = begin; r < end; ++r) {
+      copy_2d<T>(P + r * p.batch, p.cols, p.rows, P_packed.data(), A, 1, Z, A);
+      copy_2d<T>(Q + r * q.batch, q.rows, q.cols, Q_packed.data(), padded, 1, Z, X);
+      row_blocks<T>(P_packed.data(), A, Q_packed.data(), padded, O + r * o.batch, o.rows, o.cols, A, Z, X,
+                    accumulate);
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Layout changes. The column part of every product is the row part of the (H, W)-transposed tensors; the column
-// channels of an attention map become a dense per-column matrix with a zero diagonal (the pixel itself is a row key).
-
-// dst[c, x, y] = src[c, y, x] for c < C: (C, H, W) -> (C, W, H).
-template <typename T>
-void transpose_planes(const T* src, T* dst, int64_t C, int64_t H, int64_t W) {
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) copy_2d<T>(src + c * H * W, W, 1, dst + c * H * W, 1, H, H, W);
-  });
-}
-
-// dst[c, y, x] += src[c, x, y] for c < C: adds a (C, W, H) tensor to a (C, H, W) one.
-template <typename T>
-void add_transposed_planes(const T* src, T* dst, int64_t C, int64_t H, int64_t W) {
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) copy_2d<T, true>(src + c * H * W, H, 1, dst + c * H * W, 1, W, W, H);
-  });
-}
+// Layout changes: the column channels of an attention map as dense per-column matrices with a zero diagonal (the
+// pixel itself is a row key), so that the column part of every product is a batch of GEMMs over x.
 
 // Per-column matrices of the column channels. Column channel j of the pixel (y, x) is the key row
 // y' = j + (j >= y); seen from the key row, the pixels y < y' hold it in channel W + y' - 1, those y > y' in W + y'.
@@ -217,14 +208,11 @@ void column_channels_to_transposed_matrices(const T* attention, T* M, int64_t H,
   });
 }
 
-// Channels per pass of a column part: the transposed copies of one pass stay small and in cache.
+// Channels per pass of a column part: within a pass, consecutive columns x reuse the same cache lines.
 constexpr int64_t kChannelsPerPass = 32;
 
-// Scratch elements of the products below: per-column matrices, two transposed passes, and (scatter only) the
-// transposed row attention.
-int64_t scratch_size(int64_t H, int64_t W, bool with_rows) {
-  return W * H * H + 2 * kChannelsPerPass * H * W + (with_rows ? H * W * W : 0);
-}
+// Scratch elements of the products below: the per-column matrices.
+int64_t scratch_size(int64_t H, int64_t W) { return W * H * H; }
 
 // ---------------------------------------------------------------------------------------------------------------
 // The three products for one batch element. a, b, v, g, out: (C, H, W); attention: (H+W-1, H, W); contiguous.
@@ -234,33 +222,24 @@ template <typename T>
 void affinity(const T* a, const T* b, T* out, T* scratch, int64_t C, int64_t H, int64_t W) {
   const int64_t HW = H * W;
   // Row part, per y: out[x', y, x] = sum_c b[c, y, x'] a[c, y, x].
-  row_product<T>(b, W, 1, HW, a, W, HW, out, W, HW, H, W, C, W, false);
+  batched_gemm<T>(b, {W, 1, HW}, a, {W, HW, 1}, out, {W, HW, 1}, H, W, C, W, false);
   if (H == 1) return;
-  // Column part, per x: M[x, y', y] = sum_c bT[c, x, y'] aT[c, x, y], over passes of channels.
+  // Column part, per x: M[x, y', y] = sum_c b[c, y', x] a[c, y, x], over passes of channels.
   T* M = scratch;
-  T* aT = M + W * H * H;
-  T* bT = aT + kChannelsPerPass * HW;
   for (int64_t c0 = 0; c0 < C; c0 += kChannelsPerPass) {
     const int64_t channels = std::min(kChannelsPerPass, C - c0);
-    transpose_planes<T>(a + c0 * HW, aT, channels, H, W);
-    transpose_planes<T>(b + c0 * HW, bT, channels, H, W);
-    row_product<T>(bT, H, 1, HW, aT, H, HW, M, H * H, H, W, H, channels, H, c0 > 0);
+    batched_gemm<T>(b + c0 * HW, {1, W, HW}, a + c0 * HW, {1, HW, W}, M, {H * H, H, 1}, W, H, channels, H, c0 > 0);
   }
   matrices_to_column_channels<T>(M, out, H, W);
 }
 
-// Column part of gather and scatter: out[c, y, x] += sum_z gT[c, x, z] M[x, z, y] with M from
-// column_channels_to_(transposed_)matrices, over passes of channels.
+// Column part of gather and scatter: out[c, y, x] += sum_z g[c, z, x] M[x, z, y], over passes of channels.
 template <typename T>
-void add_column_product(const T* M, const T* g, T* out, T* scratch, int64_t C, int64_t H, int64_t W) {
+void add_column_product(const T* M, const T* g, T* out, int64_t C, int64_t H, int64_t W) {
   const int64_t HW = H * W;
-  T* gT = scratch;
-  T* outT = gT + kChannelsPerPass * HW;
   for (int64_t c0 = 0; c0 < C; c0 += kChannelsPerPass) {
     const int64_t channels = std::min(kChannelsPerPass, C - c0);
-    transpose_planes<T>(g + c0 * HW, gT, channels, H, W);
-    row_product<T>(gT, H, HW, 1, M, H * H, H, outT, H, HW, W, channels, H, H, false);
-    add_transposed_planes<T>(outT, out + c0 * HW, channels, H, W);
+    batched_gemm<T>(g + c0 * HW, {1, HW, W}, M, {H * H, H, 1}, out + c0 * HW, {1, HW, W}, W, channels, H, H, true);
   }
 }
 
@@ -269,27 +248,23 @@ template <typename T>
 void gather(const T* attention, const T* v, T* out, T* scratch, int64_t C, int64_t H, int64_t W) {
   const int64_t HW = H * W;
   // Row part, per y: out[c, y, x] = sum_x' v[c, y, x'] attention[x', y, x].
-  row_product<T>(v, W, HW, 1, attention, W, HW, out, W, HW, H, C, W, W, false);
+  batched_gemm<T>(v, {W, HW, 1}, attention, {W, HW, 1}, out, {W, HW, 1}, H, C, W, W, false);
   if (H == 1) return;
   // Column part: out[c, y, x] += sum_y' v[c, y', x] M[x, y', y].
   column_channels_to_matrices<T>(attention, scratch, H, W);
-  add_column_product<T>(scratch, v, out, scratch + W * H * H, C, H, W);
+  add_column_product<T>(scratch, v, out, C, H, W);
 }
 
 // out[c, y', x'] = sum over the pixels (y, x) whose key k is (y', x') of attention[k, y, x] g[c, y, x].
 template <typename T>
 void scatter(const T* attention, const T* g, T* out, T* scratch, int64_t C, int64_t H, int64_t W) {
   const int64_t HW = H * W;
-  // Row part, per y: out[c, y, x'] = sum_x g[c, y, x] R[y, x, x'] with R[y, x, x'] = attention[x', y, x].
-  T* R = scratch + W * H * H + 2 * kChannelsPerPass * HW;
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t y = begin; y < end; ++y) copy_2d<T>(attention + y * W, HW, 1, R + y * W * W, 1, W, W, W);
-  });
-  row_product<T>(g, W, HW, 1, R, W * W, W, out, W, HW, H, C, W, W, false);
+  // Row part, per y: out[c, y, x'] = sum_x g[c, y, x] attention[x', y, x] (row attention read transposed).
+  batched_gemm<T>(g, {W, HW, 1}, attention, {W, 1, HW}, out, {W, HW, 1}, H, C, W, W, false);
   if (H == 1) return;
   // Column part: out[c, y', x] += sum_y g[c, y, x] M[x, y, y'].
   column_channels_to_transposed_matrices<T>(attention, scratch, H, W);
-  add_column_product<T>(scratch, g, out, scratch + W * H * H, C, H, W);
+  add_column_product<T>(scratch, g, out, C, H, W);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -323,7 +298,7 @@ at::Tensor batched(const at::Tensor& first, const at::Tensor& second, std::vecto
 // affinity(a, b): (N, C, H, W) x (N, C, H, W) -> (N, H+W-1, H, W).
 at::Tensor affinity_batched(const at::Tensor& a, const at::Tensor& b) {
   const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
-  return batched(a, b, {a.size(0), H + W - 1, H, W}, scratch_size(H, W, false), [&](auto pa, auto pb, auto po, auto s) {
+  return batched(a, b, {a.size(0), H + W - 1, H, W}, scratch_size(H, W), [&](auto pa, auto pb, auto po, auto s) {
     affinity(pa, pb, po, s, C, H, W);
   });
 }
@@ -331,7 +306,7 @@ at::Tensor affinity_batched(const at::Tensor& a, const at::Tensor& b) {
 // gather(attention, v): (N, H+W-1, H, W) x (N, C, H, W) -> (N, C, H, W).
 at::Tensor gather_batched(const at::Tensor& attention, const at::Tensor& v) {
   const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
-  return batched(attention, v, {v.size(0), C, H, W}, scratch_size(H, W, false), [&](auto pa, auto pv, auto po, auto s) {
+  return batched(attention, v, {v.size(0), C, H, W}, scratch_size(H, W), [&](auto pa, auto pv, auto po, auto s) {
     gather(pa, pv, po, s, C, H, W);
   });
 }
@@ -339,7 +314,7 @@ at::Tensor gather_batched(const at::Tensor& attention, const at::Tensor& v) {
 // scatter(attention, g): (N, H+W-1, H, W) x (N, C, H, W) -> (N, C, H, W).
 at::Tensor scatter_batched(const at::Tensor& attention, const at::Tensor& g) {
   const int64_t C = g.size(1), H = g.size(2), W = g.size(3);
-  return batched(attention, g, {g.size(0), C, H, W}, scratch_size(H, W, true),
+  return batched(attention, g, {g.size(0), C, H, W}, scratch_size(H, W),
                  [&](auto pa, auto pg, auto po, auto s) { scatter(pa, pg, po, s, C, H, W); });
 }
 
