@@ -87,9 +87,9 @@ constexpr int kRows = 4;        // 16 vector registers: 4 x 2 accumulators
 constexpr int kRowVectors = 2;
 #endif
 
-// O[a * oa + x * ox] (+)= sum_z P[z * pz + a] * Q[z * qz + x] for a < R, x < min(NV * lanes, valid).
+// O[a * oa + x * ox] (+)= sum_z P[a * pa + z * pz] * Q[z * qz + x] for a < R, x < min(NV * lanes, valid).
 template <typename T, int R, int NV>
-inline void row_tile(const T* __restrict P, int64_t pz, const T* __restrict Q, int64_t qz, T* __restrict O,
+inline void row_tile(const T* __restrict P, int64_t pa, int64_t pz, const T* __restrict Q, int64_t qz, T* __restrict O,
                      int64_t oa, int64_t ox, int64_t Z, int64_t valid, bool accumulate) {
   constexpr int L = kLanes<T>;
   Vector<T> acc[R][NV] = {};
@@ -97,7 +97,7 @@ inline void row_tile(const T* __restrict P, int64_t pz, const T* __restrict Q, i
     Vector<T> q[NV];
     for (int v = 0; v < NV; ++v) q[v] = load(Q + z * qz + v * L);
     for (int i = 0; i < R; ++i) {
-      const T p = P[z * pz + i];
+      const T p = P[i * pa + z * pz];
       for (int v = 0; v < NV; ++v) acc[i][v] += p * q[v];
     }
   }
@@ -115,24 +115,25 @@ inline void row_tile(const T* __restrict P, int64_t pz, const T* __restrict Q, i
     }
 }
 
-// O[a * oa + x * ox] (+)= sum_z P[z * pz + a] * Q[z * qz + x] for a < R, x < X (Q rows padded to whole vectors).
+// O[a * oa + x * ox] (+)= sum_z P[a * pa + z * pz] * Q[z * qz + x] for a < R, x < X (Q rows padded to whole
+// vectors).
 template <typename T, int R>
-void row_block(const T* P, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t ox, int64_t Z, int64_t X,
+void row_block(const T* P, int64_t pa, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t ox, int64_t Z, int64_t X,
                bool accumulate) {
   constexpr int L = kLanes<T>;
   int64_t x = 0;
   for (; x + kRowVectors * L <= X; x += kRowVectors * L)
-    row_tile<T, R, kRowVectors>(P, pz, Q + x, qz, O + x * ox, oa, ox, Z, X - x, accumulate);
-  for (; x < X; x += L) row_tile<T, R, 1>(P, pz, Q + x, qz, O + x * ox, oa, ox, Z, X - x, accumulate);
+    row_tile<T, R, kRowVectors>(P, pa, pz, Q + x, qz, O + x * ox, oa, ox, Z, X - x, accumulate);
+  for (; x < X; x += L) row_tile<T, R, 1>(P, pa, pz, Q + x, qz, O + x * ox, oa, ox, Z, X - x, accumulate);
 }
 
 template <typename T, int R = kRows>
-void row_blocks(const T* P, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t ox, int64_t A, int64_t Z,
+void row_blocks(const T* P, int64_t pa, int64_t pz, const T* Q, int64_t qz, T* O, int64_t oa, int64_t ox, int64_t A, int64_t Z,
                 int64_t X, bool accumulate) {
   int64_t a = 0;
-  for (; a + R <= A; a += R) row_block<T, R>(P + a, pz, Q, qz, O + a * oa, oa, ox, Z, X, accumulate);
+  for (; a + R <= A; a += R) row_block<T, R>(P + a * pa, pa, pz, Q, qz, O + a * oa, oa, ox, Z, X, accumulate);
   if constexpr (R > 1)
-    if (a < A) row_blocks<T, R - 1>(P + a, pz, Q, qz, O + a * oa, oa, ox, A - a, Z, X, accumulate);
+    if (a < A) row_blocks<T, R - 1>(P + a * pa, pa, pz, Q, qz, O + a * oa, oa, ox, A - a, Z, X, accumulate);
 }
 
 // Element strides of the three operands of a batch of small GEMMs O_r = P_r Q_r (r: the batch index).
@@ -143,18 +144,21 @@ struct Strides {
 // For every r < batches: O_r[a, x] (+)= sum_z P_r[a, z] * Q_r[z, x] for a < A, z < Z, x < X, where
 // P_r[a, z] = P[r * p.batch + a * p.rows + z * p.cols], Q_r[z, x] = Q[r * q.batch + z * q.rows + x * q.cols],
 // O_r[a, x] = O[r * o.batch + a * o.rows + x * o.cols]. In parallel over r; each r first packs its panels into
-// contiguous buffers (so any strides stream well, e.g. channel strides of H*W).
+// contiguous buffers (so any strides stream well, e.g. channel strides of H*W) -- except a P contiguous along z:
+// the few cache lines of its R rows per tile are read in place.
 template <typename T>
 void batched_gemm(const T* P, Strides p, const T* Q, Strides q, T* O, Strides o, int64_t batches, int64_t A,
                   int64_t Z, int64_t X, bool accumulate) {
   const int64_t padded = (X + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
   at::parallel_for(0, batches, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P_packed(Z * A), Q_packed(Z * padded, T(0));  // the padding columns stay zero
+    const bool pack_P = p.cols != 1;
+    std::vector<T> P_packed(pack_P ? Z * A : 0), Q_packed(Z * padded, T(0));  // the padding columns stay zero
     for (int64_t r = begin; r < end; ++r) {
-      copy_2d<T>(P + r * p.batch, p.cols, p.rows, P_packed.data(), A, 1, Z, A);
+      const T* P_r = P + r * p.batch;
+      if (pack_P) copy_2d<T>(P_r, p.cols, p.rows, P_packed.data(), A, 1, Z, A);
       copy_2d<T>(Q + r * q.batch, q.rows, q.cols, Q_packed.data(), padded, 1, Z, X);
-      row_blocks<T>(P_packed.data(), A, Q_packed.data(), padded, O + r * o.batch, o.rows, o.cols, A, Z, X,
-                    accumulate);
+      row_blocks<T>(pack_P ? P_packed.data() : P_r, pack_P ? 1 : p.rows, pack_P ? A : p.cols, Q_packed.data(), padded,
+                    O + r * o.batch, o.rows, o.cols, A, Z, X, accumulate);
     }
   });
 }
