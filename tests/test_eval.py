@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import evaluate
+from dataset.cityscapes import CityscapesDataset, DataError
 from dataset.generate_demo import generate
 from dataset.labels import NUM_CLASSES, PALETTE, label_ids_to_train_ids, train_ids_to_label_ids
 from networks import build_model
@@ -28,7 +29,7 @@ def demo(tmp_path_factory):
     lists = generate(str(root / "data"), num_train=0, num_val=5, height=64, width=128, seed=3)
     torch.manual_seed(0)
     model = build_model(backbone="tiny", norm="bn")
-    images = torch.stack([evaluate.CityscapesDataset(str(root / "data"), lists["val"], training=False)[i][0]
+    images = torch.stack([CityscapesDataset(str(root / "data"), lists["val"], training=False)[i][0]
                           for i in range(5)])
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -129,7 +130,7 @@ def test_list_without_labels_writes_predictions_only(demo, tmp_path):
         test_list.write_text("".join(line.split()[0] + "\n" for line in handle))
     args = _args(demo, "--whole")
     args[args.index(demo["val"])] = str(test_list)
-    with pytest.raises(evaluate.DataError, match="--save-pred"):
+    with pytest.raises(DataError, match="--save-pred"):
         evaluate.main(args)
     assert evaluate.main(args + ["--save-pred", str(tmp_path / "out")]) == 0
     assert len(os.listdir(tmp_path / "out" / "labelIds")) == 5
