@@ -17,17 +17,10 @@ import time
 
 import torch
 
+from utils.cli import parse_size
+
 AMP_CHOICES = ("off", "bf16", "fp16")
 NORM_CHOICES = ("bn", "inplace_abn")
-
-
-def _size(text: str) -> tuple[int, int]:
-    values = [int(value) for value in text.split(",")]
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected SIZE or H,W, got {text!r}")
-    return tuple(values)
 
 
 def _csv(choices):
@@ -44,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backbone", default="resnet101", help="resnet101, resnet50 or tiny")
-    parser.add_argument("--size", type=_size, default=(769, 769), help="crop size: SIZE or H,W")
+    parser.add_argument("--size", type=parse_size, default=(769, 769), help="crop size: SIZE or H,W")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step")
     parser.add_argument("--recurrence", type=int, default=2, help="criss-cross attention loops R")
     parser.add_argument("--amp", type=_csv(AMP_CHOICES), default=["off", "bf16"],

@@ -32,18 +32,9 @@ from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import CheckpointError, load_model_weights
 from utils.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process
+from utils.cli import parse_size
 from utils.inference import predict_logits, save_label_ids_png, save_paletted_png
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
-
-
-def _pair(text: str):
-    try:
-        height, width = (int(value) for value in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'H,W' (e.g. 769,769), got {text!r}") from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return height, width
 
 
 def _positive(text: str) -> int:
@@ -85,7 +76,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """``--input-size --whole --scales --flip`` (shared with predict.py)."""
-    parser.add_argument("--input-size", type=_pair, default=(769, 769), help="sliding-window tile 'H,W'")
+    parser.add_argument("--input-size", type=parse_size, default=(769, 769), help="sliding-window tile 'H,W'")
     parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
     parser.add_argument("--scales", type=_scales, default=[1.0], help="image scales to average, e.g. 0.75,1.0,1.25")
     parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")

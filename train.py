@@ -22,6 +22,7 @@ from dataset.cityscapes import CityscapesDataset, DataError, worker_init_fn
 from dataset.sampler import ResumableDistributedSampler
 from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
+from utils.cli import parse_size
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from utils.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process
 from utils.logger import TrainingLogger
@@ -40,16 +41,6 @@ class TrainingError(RuntimeError):
     """A condition that stops training with a one-line message (bad flag, non-finite loss)."""
 
 
-def _size(text: str) -> list[int]:
-    try:
-        height, width = (int(value) for value in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH (e.g. 769,769), got {text!r}") from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return [height, width]
-
-
 def _bool01(text: str) -> bool:
     values = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
     if text.lower() not in values:
@@ -65,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Cityscapes folder (holds leftImg8bit/ and gtFine/); list paths are relative to it")
     data.add_argument("--data-list", default="./dataset/list/cityscapes/train.lst",
                       help="list file of '<image>\\t<label>' lines to train on")
-    data.add_argument("--input-size", type=_size, default=[769, 769], metavar="H,W",
+    data.add_argument("--input-size", type=parse_size, default=(769, 769), metavar="H,W",
                       help="training crop size; smaller images are padded (image 0, label ignored)")
     data.add_argument("--random-mirror", action="store_true", help="flip images horizontally with p = 0.5")
     data.add_argument("--random-scale", action="store_true",

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cc_attention import CrissCrossAttention
 from libs.norm import inplace_abn_available
+from utils.cli import parse_size
 
 from .model import build_model
 
@@ -35,15 +36,6 @@ VARIANTS = (
     ("no attention", "baseline", 0),
 )
 ATTENTION_MODULES = ("head.cca", "head.non_local")
-
-
-def parse_size(text: str) -> Tuple[int, int]:
-    """``"769x769"`` -> ``(769, 769)`` (height x width)."""
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, e.g. 769x769; got {text!r}") from None
-    return height, width
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -105,7 +105,7 @@ def test_defaults_are_the_papers():
     assert (args.batch_size, args.input_size, args.learning_rate, args.momentum, args.weight_decay, args.power,
             args.num_steps, args.save_pred_every, args.recurrence, args.ohem, args.ohem_thres, args.ohem_keep,
             args.num_classes, args.ignore_label, args.snapshot_dir, args.amp) == \
-        (8, [769, 769], 1e-2, 0.9, 1e-4, 0.9, 60000, 10000, 2, False, 0.7, 100000, 19, 255, "snapshots/", "off")
+        (8, (769, 769), 1e-2, 0.9, 1e-4, 0.9, 60000, 10000, 2, False, 0.7, 100000, 19, 255, "snapshots/", "off")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
