@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dataset.cityscapes import CityscapesDataset, DataError
 from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
 from networks import BACKBONES, HEADS, build_model
-from utils.checkpoint import CheckpointError, load_model_weights
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from utils.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process
 from utils.cli import parse_size
 from utils.inference import predict_logits, save_label_ids_png, save_paletted_png
@@ -61,14 +61,23 @@ def _scales(text: str):
     return scales
 
 
+# The model flags' values when neither the command line nor the snapshot's saved ``args`` give them.
+MODEL_DEFAULTS = {"model": "ccnet", "backbone": "resnet101", "recurrence": 2, "num_classes": NUM_CLASSES}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--restore-from --model --backbone --recurrence --num-classes --gpu`` (shared with predict.py and
-    visualize_attention.py)."""
+    visualize_attention.py). The model flags default to None: :func:`resolve_model_args` fills them in."""
     parser.add_argument("--restore-from", required=True, help="snapshot: ours (train.py) or an original release")
-    parser.add_argument("--model", default="ccnet", choices=HEADS, help="context head")
-    parser.add_argument("--backbone", default="resnet101", choices=tuple(BACKBONES), help="backbone")
-    parser.add_argument("--recurrence", type=_non_negative, default=2, help="R, criss-cross attention loops")
-    parser.add_argument("--num-classes", type=_positive, default=NUM_CLASSES, help="classes the model predicts")
+    from_snapshot = "default: the snapshot's (train.py saves its args), else {}"
+    parser.add_argument("--model", default=None, choices=HEADS,
+                        help="context head; " + from_snapshot.format(MODEL_DEFAULTS["model"]))
+    parser.add_argument("--backbone", default=None, choices=tuple(BACKBONES),
+                        help="backbone; " + from_snapshot.format(MODEL_DEFAULTS["backbone"]))
+    parser.add_argument("--recurrence", type=_non_negative, default=None,
+                        help="R, criss-cross attention loops; " + from_snapshot.format(MODEL_DEFAULTS["recurrence"]))
+    parser.add_argument("--num-classes", type=_positive, default=None,
+                        help="classes the model predicts; " + from_snapshot.format(MODEL_DEFAULTS["num_classes"]))
     parser.add_argument("--gpu", default=None,
                         help="GPU ids to use, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES); 'cpu' for the CPU; "
                              "default: the visible GPUs, else the CPU")
@@ -120,15 +129,40 @@ def collate(batch):
     return torch.stack(images), stacked_labels, list(names)
 
 
-def build_and_load(args, device: torch.device, verbose: bool = True) -> torch.nn.Module:
+def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
+    """Fill in ``args.model / backbone / recurrence / num_classes`` left None on the command line: from the
+    snapshot's saved ``args`` (ours), else :data:`MODEL_DEFAULTS` (original releases: raw state dicts). A flag
+    given explicitly wins; if it differs from the snapshot's, one warning line is printed (when ``verbose``)."""
+    saved = checkpoint.get("args")
+    saved = saved if isinstance(saved, dict) else {}
+    for name, default in MODEL_DEFAULTS.items():
+        given, stored = getattr(args, name), saved.get(name)
+        if given is None:
+            setattr(args, name, default if stored is None else stored)
+        elif stored is not None and given != stored and verbose:
+            print(f"warning: --{name.replace('_', '-')} {given} differs from the snapshot's {stored} "
+                  f"({args.restore_from})", file=sys.stderr)
+
+
+def load_snapshot(args, verbose: bool = True) -> dict:
+    """Read ``args.restore_from`` (once) and resolve the model flags from it; returns the checkpoint."""
+    checkpoint = load_checkpoint(args.restore_from)
+    resolve_model_args(args, checkpoint, verbose)
+    return checkpoint
+
+
+def build_and_load(args, device: torch.device, verbose: bool = True,
+                   checkpoint: Optional[dict] = None) -> torch.nn.Module:
     """The model of ``args`` with all the snapshot's weights (backbone-only ImageNet weights are refused), in eval
-    mode on ``device``.
+    mode on ``device``. ``checkpoint``: the one :func:`load_snapshot` returned (read here if None).
 
     Batch norm: every kind computes the same function in eval mode, so plain BatchNorm2d is used.
     """
+    if checkpoint is None:
+        checkpoint = load_snapshot(args, verbose)
     model = build_model(args.model, backbone=args.backbone, num_classes=args.num_classes,
                         recurrence=args.recurrence, norm="bn")
-    report = load_model_weights(model, args.restore_from, backbone_only=False)
+    report = load_model_weights(model, checkpoint, backbone_only=False, name=args.restore_from)
     if verbose:
         print(report.summary())
     return model.to(device).eval()

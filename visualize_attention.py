@@ -27,7 +27,7 @@ import torch
 
 from cc_attention.reference import ca_map_reference, ca_weight_reference
 from dataset.transforms import image_to_tensor
-from evaluate import add_model_arguments, apply_gpu_choice, build_and_load
+from evaluate import add_model_arguments, apply_gpu_choice, build_and_load, load_snapshot
 from networks import upsample_logits
 from utils.checkpoint import CheckpointError
 from utils.inference import overlay
@@ -128,13 +128,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="PNG to write (default: beside the image, <stem>_attention.png)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    if args.recurrence < 1:
-        parser.error("--recurrence must be >= 1: with R=0 there is no attention to show")
-    if args.model != "ccnet":
-        parser.error("--model must be ccnet: only the RCCA head has criss-cross attention")
     if args.scale <= 0:
         parser.error(f"--scale must be positive, got {args.scale}")
     return args
+
+
+def check_model_args(args) -> None:
+    """After the model flags are resolved (command line, else the snapshot): only an RCCA head with R >= 1 has
+    attention to show. Raises ValueError (one line)."""
+    if args.model != "ccnet":
+        raise ValueError(f"--model is {args.model}: only the ccnet (RCCA) head has criss-cross attention to show")
+    if args.recurrence < 1:
+        raise ValueError(f"--recurrence is {args.recurrence}: with R=0 there is no attention to show (use R >= 1)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -148,8 +153,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for y, x in args.point:
         if not (0 <= y < height and 0 <= x < width):
             raise ValueError(f"--point {y},{x} lies outside the {height}x{width} image")
+    checkpoint = load_snapshot(args)
+    check_model_args(args)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
-    model = build_and_load(args, device)
+    model = build_and_load(args, device, checkpoint=checkpoint)
     attentions, logits = capture_attention(model, image_to_tensor(image).to(device))
     train_ids = upsample_logits(logits, (height, width)).argmax(1)[0].to(torch.uint8).cpu().numpy()
     rows = []

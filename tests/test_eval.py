@@ -185,3 +185,18 @@ def test_original_release_format_gives_the_same_scores(demo, tmp_path):
     theirs = json.loads((tmp_path / "original" / "result.json").read_text())
     assert ours.pop("snapshot") != theirs.pop("snapshot")
     assert ours == theirs
+
+
+def test_model_flags_default_to_the_snapshots_args(demo, capsys):
+    args = _args(demo, "--whole")
+    del args[args.index("--backbone"):args.index("--backbone") + 2]  # the snapshot's args say tiny
+    assert evaluate.main(args) == 0
+    assert "warning" not in capsys.readouterr().err
+    namespace = evaluate.parse_args(["--restore-from", "x.pth", "--recurrence", "1"])
+    evaluate.resolve_model_args(namespace, {"args": {"backbone": "tiny", "recurrence": 2}})
+    assert (namespace.model, namespace.backbone, namespace.recurrence, namespace.num_classes) == \
+        ("ccnet", "tiny", 1, NUM_CLASSES)
+    assert "--recurrence 1 differs from the snapshot's 2" in capsys.readouterr().err
+    raw = evaluate.parse_args(["--restore-from", "x.pth"])  # an original release: a raw state dict
+    evaluate.resolve_model_args(raw, {"conv1.weight": torch.zeros(1)})
+    assert (raw.model, raw.backbone, raw.recurrence, raw.num_classes) == ("ccnet", "resnet101", 2, NUM_CLASSES)

@@ -136,6 +136,7 @@ def load_model_weights(
     source: Union[PathLike, dict],
     backbone_only: Optional[bool] = None,
     strict: bool = True,
+    name: Optional[str] = None,
 ) -> LoadReport:
     """Load a snapshot, an original checkpoint or ImageNet weights into ``model`` (see the module docstring).
 
@@ -145,6 +146,7 @@ def load_model_weights(
         backbone_only: load only the backbone and skip ``fc.*``; ``None`` decides from the keys (no ``head.*`` /
             ``dsn.*`` key: ImageNet weights).
         strict: raise :class:`CheckpointError` on missing or unexpected keys (otherwise only report them).
+        name: what messages call the checkpoint (default: the path, or ``<in-memory checkpoint>`` for a dict).
     Returns:
         a :class:`LoadReport` (``report.summary()`` is one line for the log).
     Raises:
@@ -153,9 +155,9 @@ def load_model_weights(
     """
     model = getattr(model, "module", model)
     if isinstance(source, dict):
-        name, checkpoint = "<in-memory checkpoint>", source
+        name, checkpoint = name or "<in-memory checkpoint>", source
     else:
-        name, checkpoint = str(source), load_checkpoint(source)
+        name, checkpoint = name or str(source), load_checkpoint(source)
     state = _state_dict_of(checkpoint, name)
     if backbone_only is None:
         backbone_only = not any(key.startswith(HEAD_PREFIXES) for key in state)
