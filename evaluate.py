@@ -31,7 +31,8 @@ from dataset.cityscapes import CityscapesDataset, DataError
 from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from utils.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process
+from utils.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,
+                               too_many_gpus_message)
 from utils.cli import parse_size
 from utils.inference import predict_logits, save_label_ids_png, save_paletted_png
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
@@ -79,8 +80,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=_positive, default=None,
                         help="classes the model predicts; " + from_snapshot.format(MODEL_DEFAULTS["num_classes"]))
     parser.add_argument("--gpu", default=None,
-                        help="GPU ids to use, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES); 'cpu' for the CPU; "
-                             "default: the visible GPUs, else the CPU")
+                        help="GPU ids to use, e.g. '0' (sets CUDA_VISIBLE_DEVICES; one per process: '0,1' needs "
+                             "torchrun --nproc_per_node=2); 'cpu' for the CPU; default: the visible GPUs, else the CPU")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +93,12 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_gpu_choice(gpu: Optional[str]) -> bool:
-    """Honour ``--gpu`` (before CUDA is first used); returns whether to compute on CUDA."""
+    """Honour ``--gpu`` (before CUDA is first used); returns whether to compute on CUDA.
+
+    Raises ValueError when ``gpu`` names more GPUs than there are processes (each process uses one GPU)."""
+    message = too_many_gpus_message(gpu)
+    if message:
+        raise ValueError(message)
     if gpu is not None and gpu != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     return gpu != "cpu" and torch.cuda.is_available()

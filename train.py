@@ -24,7 +24,8 @@ from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
 from utils.cli import parse_size
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
-from utils.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_main_process
+from utils.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,
+                               too_many_gpus_message)
 from utils.logger import TrainingLogger
 from utils.loss import CriterionDSN
 from utils.schedule import poly_lr, set_lr
@@ -99,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--gpu", default=None,
-                     help="GPUs this node may use, e.g. '0,1,2,3' (sets CUDA_VISIBLE_DEVICES); 'cpu' trains on "
-                          "the CPU; default: the visible GPUs, else the CPU")
+                     help="GPUs this node may use, e.g. '0,1,2,3' (sets CUDA_VISIBLE_DEVICES; one per process: "
+                          "launch with torchrun --nproc_per_node=4); 'cpu' trains on the CPU; default: the visible "
+                          "GPUs, else the CPU")
     run.add_argument("--snapshot-dir", default="snapshots/", help="where CS_scenes_<iter>.pth snapshots are written")
     run.add_argument("--save-pred-every", type=int, default=10000, help="write a snapshot every this many iterations")
     run.add_argument("--resume", default=None, metavar="SNAPSHOT",
@@ -247,6 +249,9 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
 
 def train(args) -> torch.nn.Module:
     """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model."""
+    message = too_many_gpus_message(args.gpu)
+    if message:
+        raise TrainingError(message)
     if args.gpu is not None and args.gpu != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     info = init_distributed(use_cuda=args.gpu != "cpu" and torch.cuda.is_available())

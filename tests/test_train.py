@@ -119,3 +119,16 @@ def test_gpu_training_with_amp(demo, tmp_path, amp):
     snapshot = load_checkpoint(tmp_path / "CS_scenes_3.pth")
     assert all(torch.isfinite(value).all() for value in snapshot["model"].values() if value.is_floating_point())
     assert (snapshot["scaler"] != {}) == (amp == "fp16")
+
+
+def test_more_gpu_ids_than_processes_is_a_one_line_error(demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert run(demo, tmp_path, "--gpu", "0,1,2,3") == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --gpu 0,1,2,3") and "torchrun --nproc_per_node=4" in error
+    import evaluate
+    with pytest.raises(ValueError, match="torchrun"):
+        evaluate.apply_gpu_choice("0,1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.too_many_gpus_message("0,1") is None and train.too_many_gpus_message("cpu") is None

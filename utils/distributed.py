@@ -29,6 +29,22 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def too_many_gpus_message(gpu: str | None, flag: str = "--gpu") -> str | None:
+    """A one-line error if ``gpu`` (e.g. ``"0,1,2,3"``) names more GPUs than this node has processes (each
+    process uses one GPU: a single ``python`` process would silently use the first only); None if it fits.
+
+    The processes of this node: ``LOCAL_WORLD_SIZE`` (torchrun), else ``WORLD_SIZE``, else 1.
+    """
+    if gpu is None or gpu == "cpu":
+        return None
+    ids = [value for value in gpu.split(",") if value.strip()]
+    processes = _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1))
+    if len(ids) <= processes:
+        return None
+    return (f"{flag} {gpu} names {len(ids)} GPUs but there {'is' if processes == 1 else 'are'} {processes} "
+            f"process(es) (one GPU each): launch with torchrun --nproc_per_node={len(ids)}")
+
+
 def init_distributed(backend: str | None = None, use_cuda: bool | None = None,
                      timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group that ``torchrun`` describes (if any) and pick this process's device.
