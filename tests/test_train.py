@@ -90,7 +90,7 @@ def test_bad_list_line_is_one_line_error(demo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--input-size", "769"], "HEIGHT,WIDTH"),
+    (["--input-size", "769,0"], "H,W"),
     (["--ohem", "maybe"], "0/1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
 ])
