@@ -215,11 +215,26 @@ def _build(args, norm: str, device: torch.device, log):
     return model, optimizer
 
 
+def _normalized(value):
+    """Lists and tuples compare as lists (an ``input_size`` tuple may come back from a snapshot as a list)."""
+    return [_normalized(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+
 def _check_resumed_args(saved: dict, args, log) -> None:
     changed = [f"--{name.replace('_', '-')} {saved[name]!r} -> {getattr(args, name)!r}"
-               for name in RUN_DEFINING_FLAGS if name in saved and saved[name] != getattr(args, name)]
+               for name in RUN_DEFINING_FLAGS
+               if name in saved and _normalized(saved[name]) != _normalized(getattr(args, name))]
     if changed:
         log("warning: the resumed run differs from the snapshot's: " + "; ".join(changed))
+
+
+def _load_scaler_state(scaler, state: dict, log) -> None:
+    """The fp16 gradient scale, when both the snapshot's and this run's scalers are enabled (a disabled scaler
+    saves ``{}``); otherwise, i.e. ``--amp`` changed from or to fp16, one warning and a fresh scale."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled() or state:
+        log("warning: --amp changed to or from fp16 since the snapshot: the gradient scaler starts afresh")
 
 
 def _snapshot_state(model, optimizer, scaler, iteration: int, args, rng_states: list) -> dict:
@@ -281,7 +296,7 @@ def train(args) -> torch.nn.Module:
         checkpoint = load_checkpoint(args.resume)
         load_model_weights(model, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        _load_scaler_state(scaler, checkpoint.get("scaler") or {}, log)
         start_iteration = int(checkpoint["iteration"])
         _check_resumed_args(checkpoint.get("args", {}), args, log)
         rng = checkpoint["rng"]

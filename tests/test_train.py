@@ -132,3 +132,20 @@ def test_more_gpu_ids_than_processes_is_a_one_line_error(demo, tmp_path, monkeyp
         evaluate.apply_gpu_choice("0,1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train.too_many_gpus_message("0,1") is None and train.too_many_gpus_message("cpu") is None
+
+
+def test_resume_tolerates_an_amp_change_and_list_sizes():
+    messages = []
+    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0)
+    enabled, disabled = torch.amp.GradScaler("cpu", enabled=True), torch.amp.GradScaler("cpu", enabled=False)
+    train._load_scaler_state(enabled, disabled.state_dict(), messages.append)  # off -> fp16: {} saved
+    train._load_scaler_state(disabled, saved.state_dict(), messages.append)  # fp16 -> off
+    assert len(messages) == 2 and all("scaler starts afresh" in text for text in messages)
+    messages.clear()
+    train._load_scaler_state(enabled, saved.state_dict(), messages.append)
+    assert messages == [] and enabled.get_scale() == 128.0
+    args = train.parse_args(["--input-size", "48,96"])
+    train._check_resumed_args({"input_size": [48, 96], "amp": "off"}, args, messages.append)
+    assert messages == []
+    train._check_resumed_args({"input_size": [48, 64]}, args, messages.append)
+    assert len(messages) == 1 and "--input-size" in messages[0]
