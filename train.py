@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rescale images by a random factor in {0.7, 0.8, ..., 2.1} before cropping")
     data.add_argument("--num-workers", type=int, default=8, help="data-loading processes per training process")
     data.add_argument("--num-classes", type=int, default=19, help="number of classes the network predicts")
-    data.add_argument("--ignore-label", type=int, default=255, help="label value excluded from the loss")
+    data.add_argument("--ignore-label", type=int, default=255,
+                      help="label value of the void pixels (unevaluated classes, padding), excluded from the loss; "
+                           "any integer outside 0..num-classes-1")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=HEADS, default="ccnet",
@@ -119,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if 0 <= args.ignore_label < args.num_classes:
+        parser.error(f"--ignore-label {args.ignore_label} is a class id (0..{args.num_classes - 1}): pick a value "
+                     "outside, e.g. 255 or -1")
     if args.num_workers < 0 or args.recurrence < 0 or args.ohem_keep < 0:
         parser.error("--num-workers, --recurrence and --ohem-keep must be >= 0")
     if args.log_dir is None:

@@ -5,7 +5,7 @@ A list file has one sample per line, paths relative to the data dir: ``<image>\\
 
 Augmentation (training=True), in the original order: random scale ``0.7 + randint(0, 14) / 10`` (image bilinear,
 label nearest, on the uint8 image), ``preprocess_image`` (BGR minus mean), pad bottom/right to the crop (image 0,
-label 255), random crop, HWC->CHW, horizontal flip with p = 0.5.
+label ignored), random crop, HWC->CHW, horizontal flip with p = 0.5.
 
 Reproducibility: each sample's random draws come from its own generator seeded with ``(seed, epoch, index)``,
 so an epoch's augmentations do not depend on the number of workers, on which worker loads which sample, or on
@@ -101,7 +101,8 @@ class CityscapesDataset(Dataset):
 
     training=True: ``(image float32 (3, crop_h, crop_w), label int64 (crop_h, crop_w), name)``, augmented.
     training=False: ``(image float32 (3, H, W), label int64 (H, W) or None, name)``: the full preprocessed image,
-    no augmentation; label is None for image-only (test) lists. Label values: train ids, ``ignore_label`` = void.
+    no augmentation; label is None for image-only (test) lists. Label values: train ids, ``ignore_label`` = void
+    (the unevaluated label ids and the padding; any integer outside the train ids, e.g. 255 or -1).
     """
 
     def __init__(self, data_dir: str, list_path: str, crop_size=(769, 769), scale: bool = False,
@@ -132,14 +133,22 @@ class CityscapesDataset(Dataset):
         label = None if entry.label_path is None else _read_train_ids(entry, image.shape, where)
         if not self.training:
             image = preprocess_image(image).transpose(2, 0, 1)
-            label = None if label is None else torch.from_numpy(label.astype(np.int64))
+            label = None if label is None else torch.from_numpy(self._with_ignore_label(label))
             return torch.from_numpy(np.ascontiguousarray(image)), label, entry.name
         rng = np.random.default_rng((self.seed, self.epoch, index))
         image, label = self._augment(image, label, rng)
-        return torch.from_numpy(image), torch.from_numpy(label), entry.name
+        return torch.from_numpy(image), torch.from_numpy(self._with_ignore_label(label)), entry.name
+
+    def _with_ignore_label(self, label: np.ndarray) -> np.ndarray:
+        """uint8 train ids with void = ``IGNORE_LABEL`` (255) -> int64 with void = ``self.ignore_label``."""
+        label = label.astype(np.int64)
+        if self.ignore_label != IGNORE_LABEL:
+            label[label == IGNORE_LABEL] = self.ignore_label
+        return label
 
     def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        """uint8 BGR (H, W, 3) + uint8 train ids (H, W) -> float32 (3, crop_h, crop_w) + int64 (crop_h, crop_w)."""
+        """uint8 BGR (H, W, 3) + uint8 train ids (H, W) -> float32 (3, crop_h, crop_w) + uint8 (crop_h, crop_w),
+        void (and padding) = ``IGNORE_LABEL``."""
         if self.scale:
             factor = MIN_SCALE + rng.integers(0, NUM_SCALES) / 10.0
             image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
@@ -149,7 +158,7 @@ class CityscapesDataset(Dataset):
         pad_w = max(self.crop_w - label.shape[1], 0)
         if pad_h or pad_w:
             image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(0.0, 0.0, 0.0))
-            label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(self.ignore_label,))
+            label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(IGNORE_LABEL,))
         top = rng.integers(0, label.shape[0] - self.crop_h + 1)
         left = rng.integers(0, label.shape[1] - self.crop_w + 1)
         image = image[top:top + self.crop_h, left:left + self.crop_w].transpose(2, 0, 1)
@@ -157,7 +166,7 @@ class CityscapesDataset(Dataset):
         if self.mirror and rng.integers(0, 2):
             image = image[:, :, ::-1]
             label = label[:, ::-1]
-        return np.ascontiguousarray(image), label.astype(np.int64)
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -171,3 +171,13 @@ def test_resumable_sampler_continues_the_epoch(world_size):
         assert list(resumed) == order[4:] and len(resumed) == len(order) - 4
     full.set_epoch(4)
     assert list(full) != order
+
+
+def test_ignore_label_other_than_255_marks_void_and_padding(demo):
+    root, lists = demo
+    default = CityscapesDataset(root, lists["train"], crop_size=(64, 128), training=True)[0][1]
+    label = CityscapesDataset(root, lists["train"], crop_size=(64, 128), ignore_label=-1, training=True)[0][1]
+    assert (default == 255).any() and not (label == 255).any()
+    assert torch.equal(label == -1, default == 255) and torch.equal(label[label != -1], default[default != 255])
+    val_label = CityscapesDataset(root, lists["train"], ignore_label=-1, training=False)[0][1]
+    assert torch.equal(val_label, label[:HEIGHT, :WIDTH])

@@ -149,3 +149,10 @@ def test_resume_tolerates_an_amp_change_and_list_sizes():
     assert messages == []
     train._check_resumed_args({"input_size": [48, 64]}, args, messages.append)
     assert len(messages) == 1 and "--input-size" in messages[0]
+
+
+def test_ignore_label_must_not_be_a_class_id(capsys):
+    assert train.parse_args(["--ignore-label", "-1"]).ignore_label == -1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--ignore-label", "3"])
+    assert "--ignore-label 3 is a class id" in capsys.readouterr().err
