@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _sync_batch_norm
 
+from utils.distributed import get_world_size, is_distributed
+
 NORM_KINDS = ("auto", "bn", "syncbn", "inplace_abn", "inplace_abn_sync")
 ACTIVATIONS = ("identity", "leaky_relu")
 LEAKY_RELU_SLOPE = 0.01  # InPlaceABN's default, used by the original heads
@@ -100,9 +102,11 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.process_group or torch.distributed.group.WORLD
-        world_size = torch.distributed.get_world_size(group) if _distributed() else 1
-        if not self.training or world_size == 1:
+        world_size = 1
+        if self.training and is_distributed():  # the group exists only then
+            group = self.process_group or torch.distributed.group.WORLD
+            world_size = torch.distributed.get_world_size(group)
+        if world_size == 1:
             return _activate(_local_batch_norm(self, x), self.activation)
         if x.device.type != "cuda":
             raise ValueError(f"norm='syncbn' synchronizes CUDA tensors only, got a {x.device.type} input; "
@@ -118,21 +122,13 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
         return f"{super().extra_repr()}, activation={self.activation}"
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _distributed_world_size() -> int:
-    return torch.distributed.get_world_size() if _distributed() else 1
-
-
 def resolve_norm_kind(kind: str) -> str:
     """The concrete kind ``"auto"`` stands for now (the others are returned unchanged, after validation)."""
     if kind not in NORM_KINDS:
         raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
     if kind != "auto":
         return kind
-    synchronized = _distributed_world_size() > 1
+    synchronized = get_world_size() > 1
     if inplace_abn_available():
         return "inplace_abn_sync" if synchronized else "inplace_abn"
     return "syncbn" if synchronized else "bn"
