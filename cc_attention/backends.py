@@ -6,11 +6,14 @@ reference (on both devices the kernels are the faster choice, see ``python -m cc
 The choice comes from the function argument, else the environment variable ``CCNET_CC_BACKEND``, else ``"auto"``.
 
 The kernels are compiled with :func:`torch.utils.cpp_extension.load` the first time they are needed (cached in
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). A build that fails warns once, with the
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; the CPU kernel, built for the host's vector
+ISA, under a name that includes a hash of the CPU's instruction-set flags). A build that fails warns once, with the
 compiler's error lines, and the reference is used from then on.
 """
+import hashlib
 import os
 import platform
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -41,6 +44,27 @@ def _cpu_flags() -> tuple:
     return compile_flags, link_flags
 
 
+def _cpu_tag() -> str:
+    """A short tag of the host CPU's instruction sets for the CPU kernel's cache name: the kernel is compiled with
+    ``-march=native``, so a cache shared by different CPUs (a home folder on a cluster) must not hand one CPU's
+    build to another (SIGILL). A hash of the ``flags`` line of /proc/cpuinfo, else of the machine and processor."""
+    identity = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            identity = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), None)
+    except OSError:
+        pass
+    if identity is None:
+        identity = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha1(" ".join(sorted(identity.split(":", 1)[-1].split())).encode()).hexdigest()[:10]
+
+
+def cpu_extension_name() -> str:
+    """``ccnet_cc_attention_cpu_<machine>_<ISA hash>``: one cached build per kind of CPU."""
+    machine = re.sub(r"\W", "_", platform.machine().lower()) or "cpu"
+    return f"ccnet_cc_attention_cpu_{machine}_{_cpu_tag()}"
+
+
 def _prepare_cuda_build(cpp_extension) -> None:
     """Settings a CUDA build needs beyond torch's defaults.
 
@@ -67,7 +91,7 @@ def build_extension(kind: str, verbose: bool = False):
     if kind == "cpu":
         compile_flags, link_flags = _cpu_flags()
         return cpp_extension.load(
-            name="ccnet_cc_attention_cpu",
+            name=cpu_extension_name(),
             sources=[str(_CSRC / "cpu" / "cc_attention_cpu.cpp")],
             extra_cflags=compile_flags,
             extra_ldflags=link_flags,
