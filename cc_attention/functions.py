@@ -105,10 +105,24 @@ class _CaMap(torch.autograd.Function):
         return None, grad_attention, grad_value
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _softmax_(energy: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1, in place (the energies are not kept: saves one attention-sized buffer)."""
+    """Softmax over dim 1, in place for fp32/fp64 (the energies are not kept: saves one attention-sized buffer).
+    fp16/bf16 energies (autocast) are normalized in float32 and the attention cast back to their dtype."""
+    if energy.dtype in _HALF_DTYPES:
+        return _softmax_(energy.float()).to(energy.dtype)
     energy.sub_(energy.amax(dim=1, keepdim=True)).exp_()
     return energy.div_(energy.sum(dim=1, keepdim=True))
+
+
+def _softmax_backward_(grad_attention: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """``attention * (grad_attention - sum_k attention * grad_attention)``: in place into ``grad_attention`` for
+    fp32/fp64; in float32 (cast back) for fp16/bf16, like the forward."""
+    if grad_attention.dtype in _HALF_DTYPES:
+        return _softmax_backward_(grad_attention.float(), attention.float()).to(grad_attention.dtype)
+    return grad_attention.sub_((grad_attention * attention).sum(dim=1, keepdim=True)).mul_(attention)
 
 
 class _CrissCrossAttention(torch.autograd.Function):
@@ -129,8 +143,7 @@ class _CrissCrossAttention(torch.autograd.Function):
         grad_attention, grad_value = ctx.kernel_module.ca_map_backward(
             grad_out.to(value.dtype).contiguous(), attention, value
         )
-        # Softmax backward, in place: grad_energy = attention * (grad_attention - sum_k attention * grad_attention).
-        grad_energy = grad_attention.sub_((grad_attention * attention).sum(dim=1, keepdim=True)).mul_(attention)
+        grad_energy = _softmax_backward_(grad_attention, attention)
         grad_query, grad_key = ctx.kernel_module.ca_weight_backward(grad_energy, query, key)
         return None, grad_query, grad_key, grad_value
 

@@ -208,3 +208,26 @@ def test_build_failure_warns_once_and_falls_back_to_the_reference(monkeypatch):
     expected = ca_map_reference(torch.softmax(ca_weight_reference(query, key), dim=1), value)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(again, expected)
+
+
+def test_fused_softmax_runs_in_float32_for_half_energies_and_in_place_otherwise():
+    from cc_attention import functions
+    energy = torch.randn(2, 9, 4, 6) * 30
+    for dtype in (torch.float16, torch.bfloat16):
+        half = energy.to(dtype)
+        attention = functions._softmax_(half.clone())
+        assert attention.dtype == dtype
+        assert torch.equal(attention, torch.softmax(half.float(), dim=1).to(dtype))
+        grad = torch.randn_like(half)
+        expected = (attention.float() * (grad.float() - (grad.float() * attention.float()).sum(1, keepdim=True)))
+        assert torch.equal(functions._softmax_backward_(grad, attention), expected.to(dtype))
+    single = energy.clone()
+    assert functions._softmax_(single) is single  # fp32: in place
+    torch.testing.assert_close(single, torch.softmax(energy, dim=1))
+
+
+def test_cpu_kernel_cache_name_records_the_cpu():
+    from cc_attention import backends
+    name = backends.cpu_extension_name()
+    assert name.startswith("ccnet_cc_attention_cpu_") and name.isidentifier() and name == backends.cpu_extension_name()
+    assert len(backends._cpu_tag()) == 10
