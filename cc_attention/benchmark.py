@@ -21,30 +21,13 @@ import time
 import torch
 from torch import nn
 
+from networks.heads import NonLocalBlock  # the model's own block (its zero-initialized output conv: same cost)
+
 from . import backends
 from .functions import criss_cross_attention
 from .module import CrissCrossAttention
 
 RECURRENCE = 2
-
-
-class NonLocalBlock(nn.Module):
-    """Non-local block (Wang et al. 2018), embedded Gaussian, inter channels C/2: ``z = W softmax(theta^T phi) g + x``."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        inter = channels // 2
-        self.theta = nn.Conv2d(channels, inter, 1)
-        self.phi = nn.Conv2d(channels, inter, 1)
-        self.g = nn.Conv2d(channels, inter, 1)
-        self.out = nn.Conv2d(inter, channels, 1)
-
-    def forward(self, x):
-        n, _, h, w = x.shape
-        theta, phi, g = (conv(x).flatten(2) for conv in (self.theta, self.phi, self.g))  # (N, C/2, HW)
-        affinity = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # (N, HW, HW)
-        y = (g @ affinity.transpose(1, 2)).view(n, -1, h, w)
-        return self.out(y) + x
 
 
 def _flops(workload: str, n: int, c: int, size: int) -> float:
