@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.labels import IGNORE_LABEL, label_ids_to_train_ids
-from dataset.transforms import preprocess_image
+from dataset.transforms import image_to_tensor, preprocess_image
 
 MIN_SCALE = 0.7
 NUM_SCALES = 15  # 0.7, 0.8, ..., 2.1
@@ -61,18 +61,22 @@ def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[L
     entries = []
     with open(list_path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
+            if not line.strip():
                 continue
+            fields = [field.strip() for field in line.rstrip("\r\n").split("\t")]  # paths may hold spaces
             where = f"{list_path} line {line_number}"
-            if len(fields) > 2:
-                raise DataError(f"{where}: expected '<image>[<tab><label>]', got {len(fields)} fields: {line.strip()!r}")
+            if len(fields) > 2 or not all(fields):
+                raise DataError(f"{where}: expected '<image>[<tab><label>]', got {len(fields)} tab-separated "
+                                f"fields: {line.strip()!r}")
             image_path = os.path.join(data_dir, fields[0])
             label_path = os.path.join(data_dir, fields[1]) if len(fields) == 2 else None
             if check_files:
                 for path in (image_path, label_path):
                     if path is not None and not os.path.isfile(path):
-                        raise DataError(f"{where}: file not found: {path}")
+                        hint = ""
+                        if label_path is None and len(fields[0].split()) == 2:
+                            hint = " (image and label must be separated by a tab, not spaces)"
+                        raise DataError(f"{where}: file not found: {path}{hint}")
             entries.append(ListEntry(image_path, label_path, fields[0], line_number))
     if not entries:
         raise DataError(f"list file has no entries: {list_path}")
@@ -132,9 +136,8 @@ class CityscapesDataset(Dataset):
         image = _read_image(entry, where)
         label = None if entry.label_path is None else _read_train_ids(entry, image.shape, where)
         if not self.training:
-            image = preprocess_image(image).transpose(2, 0, 1)
             label = None if label is None else torch.from_numpy(self._with_ignore_label(label))
-            return torch.from_numpy(np.ascontiguousarray(image)), label, entry.name
+            return image_to_tensor(image)[0], label, entry.name
         rng = np.random.default_rng((self.seed, self.epoch, index))
         image, label = self._augment(image, label, rng)
         return torch.from_numpy(image), torch.from_numpy(self._with_ignore_label(label)), entry.name

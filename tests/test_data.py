@@ -113,7 +113,7 @@ def test_bad_list_line_is_a_one_line_error(demo, tmp_path):
         read_list(str(tmp_path / "nowhere"), lists["train"])
     with pytest.raises(DataError, match="list file not found"):
         read_list(root, str(tmp_path / "none.lst"))
-    bad_list.write_text("a b c\n")
+    bad_list.write_text("a\tb\tc\n")
     with pytest.raises(DataError, match="line 1: expected"):
         read_list(root, str(bad_list))
 
@@ -181,3 +181,23 @@ def test_ignore_label_other_than_255_marks_void_and_padding(demo):
     assert torch.equal(label == -1, default == 255) and torch.equal(label[label != -1], default[default != 255])
     val_label = CityscapesDataset(root, lists["train"], ignore_label=-1, training=False)[0][1]
     assert torch.equal(val_label, label[:HEIGHT, :WIDTH])
+
+
+def test_list_paths_may_hold_spaces(demo, tmp_path):
+    root, lists = demo
+    image, label = open(lists["train"]).readline().rstrip("\n").split("\t")
+    os.makedirs(tmp_path / "my city")
+    shutil.copy(os.path.join(root, image), tmp_path / "my city" / "a b.png")
+    shutil.copy(os.path.join(root, label), tmp_path / "my city" / "a b label.png")
+    spaced = tmp_path / "spaced.lst"
+    spaced.write_text("my city/a b.png\tmy city/a b label.png\r\n\nmy city/a b.png\n")
+    entries = read_list(str(tmp_path), str(spaced))
+    assert [(e.name, e.label_path) for e in entries] == [
+        ("my city/a b.png", str(tmp_path / "my city" / "a b label.png")), ("my city/a b.png", None)]
+    expected = CityscapesDataset(root, lists["train"], training=False)[0]
+    got = CityscapesDataset(str(tmp_path), str(spaced), training=False)[0]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    spaces_only = tmp_path / "spaces.lst"
+    spaces_only.write_text(f"{image} {label}\n")
+    with pytest.raises(DataError, match="separated by a tab"):
+        read_list(root, str(spaces_only))
