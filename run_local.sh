@@ -54,11 +54,20 @@ if [[ $# -ge 1 ]]; then
         NPROC=$(awk -F, '{print NF}' <<<"$GPU_IDS")
         DEVICE=(--gpu "$GPU_IDS")
     fi
+    written=""   # the folders already written (TRAIN_LIST and VAL_LIST may live in different ones)
     for list in "$TRAIN_LIST" "$VAL_LIST"; do
         if [[ ! -f "$list" ]]; then
-            echo "run_local.sh: $list is missing: writing the lists with dataset.make_lists $CS_PATH"
-            "$PYTHON" -m dataset.make_lists "$CS_PATH" --out-dir "$(dirname "$list")"
-            break
+            dir=$(dirname "$list")
+            if [[ "$written" != *"|$dir|"* ]]; then
+                echo "run_local.sh: $list is missing: writing the lists to $dir with dataset.make_lists $CS_PATH"
+                "$PYTHON" -m dataset.make_lists "$CS_PATH" --out-dir "$dir"
+                written="$written|$dir|"
+            fi
+            if [[ ! -f "$list" ]]; then
+                echo "run_local.sh: $list is still missing (dataset.make_lists writes train/val/trainval/test.lst" \
+                     "to $dir): name one of those, or write the list yourself" >&2
+                exit 1
+            fi
         fi
     done
     set -x
