@@ -66,7 +66,19 @@ def _local_batch_norm(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     )
 
 
-class BatchNormAct(nn.BatchNorm2d):
+class _Activated:
+    """Mixin for the BatchNorm stand-ins: the ``activation`` argument (``"identity"`` or ``"leaky_relu"``)."""
+
+    def __init__(self, num_features: int, activation: str = "identity"):
+        _check_activation(activation)
+        super().__init__(num_features)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation}"
+
+
+class BatchNormAct(_Activated, nn.BatchNorm2d):
     """Batch norm with InPlaceABN's scale ``|weight| + eps``, then an activation (``"identity"`` or
     ``"leaky_relu"`` with slope 0.01): the stand-in for ``InPlaceABN``, same parameters, buffers and outputs.
 
@@ -76,30 +88,17 @@ class BatchNormAct(nn.BatchNorm2d):
     Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
     """
 
-    def __init__(self, num_features: int, activation: str = "identity"):
-        _check_activation(activation)
-        super().__init__(num_features)
-        self.activation = activation
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         return _activate(_local_batch_norm(self, x), self.activation)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
 
-
-class SyncBatchNormAct(nn.SyncBatchNorm):
+class SyncBatchNormAct(_Activated, nn.SyncBatchNorm):
     """:class:`BatchNormAct` with the batch statistics of all processes (training under ``torch.distributed``,
     CUDA tensors); in eval mode or in a single process it computes exactly what :class:`BatchNormAct` does.
 
     Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
     """
-
-    def __init__(self, num_features: int, activation: str = "identity"):
-        _check_activation(activation)
-        super().__init__(num_features)
-        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_size = 1
@@ -117,9 +116,6 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
             x, _scale(self), self.bias, self.running_mean, self.running_var, self.eps, self.momentum, group, world_size
         )
         return _activate(x, self.activation)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
 
 
 def resolve_norm_kind(kind: str) -> str:
