@@ -67,42 +67,22 @@ def _autocast(*tensors):
     return tensors
 
 
-class _CaWeight(torch.autograd.Function):
-    """ca_weight on a kernel module (``ca_weight_forward`` / ``ca_weight_backward``)."""
+class _KernelOp(torch.autograd.Function):
+    """One of the two ops on a kernel module: ``op`` is ``"ca_weight"`` or ``"ca_map"``, calling
+    ``<op>_forward(first, second)`` and ``<op>_backward(grad, first, second) -> (grad_first, grad_second)``."""
 
     @staticmethod
-    def forward(ctx, kernel_module, query, key):
-        ctx.kernel_module = kernel_module
-        ctx.save_for_backward(query, key)
-        return kernel_module.ca_weight_forward(query, key)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_energy):
-        query, key = ctx.saved_tensors
-        grad_query, grad_key = ctx.kernel_module.ca_weight_backward(
-            grad_energy.to(query.dtype).contiguous(), query, key
-        )
-        return None, grad_query, grad_key
-
-
-class _CaMap(torch.autograd.Function):
-    """ca_map on a kernel module (``ca_map_forward`` / ``ca_map_backward``)."""
-
-    @staticmethod
-    def forward(ctx, kernel_module, attention, value):
-        ctx.kernel_module = kernel_module
-        ctx.save_for_backward(attention, value)
-        return kernel_module.ca_map_forward(attention, value)
+    def forward(ctx, kernel_module, op: str, first, second):
+        ctx.backward_kernel = getattr(kernel_module, f"{op}_backward")
+        ctx.save_for_backward(first, second)
+        return getattr(kernel_module, f"{op}_forward")(first, second)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        attention, value = ctx.saved_tensors
-        grad_attention, grad_value = ctx.kernel_module.ca_map_backward(
-            grad_out.to(value.dtype).contiguous(), attention, value
-        )
-        return None, grad_attention, grad_value
+    def backward(ctx, grad_output):
+        first, second = ctx.saved_tensors
+        grad_first, grad_second = ctx.backward_kernel(grad_output.to(first.dtype).contiguous(), first, second)
+        return None, None, grad_first, grad_second
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -160,7 +140,7 @@ def ca_weight(query: torch.Tensor, key: torch.Tensor, backend=None) -> torch.Ten
     if kernel_module is None:
         return ca_weight_reference(query, key)
     _check_kernel_layout(name, query=query, key=key)
-    return _CaWeight.apply(kernel_module, query, key)
+    return _KernelOp.apply(kernel_module, "ca_weight", query, key)
 
 
 def ca_map(attention: torch.Tensor, value: torch.Tensor, backend=None) -> torch.Tensor:
@@ -174,7 +154,7 @@ def ca_map(attention: torch.Tensor, value: torch.Tensor, backend=None) -> torch.
     if kernel_module is None:
         return ca_map_reference(attention, value)
     _check_kernel_layout(name, attention=attention, value=value)
-    return _CaMap.apply(kernel_module, attention, value)
+    return _KernelOp.apply(kernel_module, "ca_map", attention, value)
 
 
 def criss_cross_attention(query, key, value, backend=None) -> torch.Tensor:
