@@ -1,5 +1,6 @@
 """The criss-cross attention block, with the original code's parameter names (checkpoints load into it)."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .functions import criss_cross_attention
@@ -11,8 +12,9 @@ class CrissCrossAttention(nn.Module):
     ``forward(x) = gamma * ca_map(softmax(ca_weight(q, k)), v) + x`` with 1x1-conv projections ``q, k``
     (``in_dim -> in_dim // 8``) and ``v`` (``in_dim -> in_dim``); ``gamma`` starts at zero.
 
-    The three projections run as one matrix product with the concatenated weights (one large GEMM is faster than
-    three 1x1 convolutions); the parameters stay the three ``nn.Conv2d`` of the original.
+    The three projections run as one convolution with the concatenated weights (one large matrix product); the
+    parameters stay the three ``nn.Conv2d`` of the original. ``q, k, v`` are channel slices of its output, in the
+    memory format of ``x``: a channels-last model stays channels-last through the attention.
 
     Args:
         in_dim: channels of the input.
@@ -31,18 +33,13 @@ class CrissCrossAttention(nn.Module):
         self.backend = backend
 
     def project(self, x: torch.Tensor):
-        """Query, key and value of ``x`` ``(N, C, H, W)``: ``(N, C//8, H, W)`` twice and ``(N, C, H, W)``.
-
-        They are channel slices of one ``(N, 2 * (C//8) + C, H, W)`` tensor (contiguous per sample).
-        """
-        n, channels, height, width = x.shape
+        """Query, key and value of ``x`` ``(N, C, H, W)``: ``(N, C//8, H, W)`` twice and ``(N, C, H, W)``, channel
+        slices of one ``(N, 2 * (C//8) + C, H, W)`` convolution output."""
         convs = (self.query_conv, self.key_conv, self.value_conv)
-        weight = torch.cat([conv.weight.flatten(1) for conv in convs])  # (2 * C//8 + C, C)
+        weight = torch.cat([conv.weight for conv in convs])  # (2 * C//8 + C, C, 1, 1)
         bias = torch.cat([conv.bias for conv in convs])
-        pixels = x.reshape(n, channels, height * width)
-        qkv = torch.baddbmm(bias.view(1, -1, 1), weight.expand(n, -1, -1), pixels)
-        sizes = [conv.out_channels for conv in convs]
-        return [t.view(n, -1, height, width) for t in torch.split(qkv, sizes, dim=1)]
+        qkv = F.conv2d(x, weight, bias)
+        return torch.split(qkv, [conv.out_channels for conv in convs], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.value_conv.in_channels:

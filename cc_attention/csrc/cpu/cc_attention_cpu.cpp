@@ -1,27 +1,22 @@
-// Criss-cross attention on the CPU: forward and backward of ca_weight and ca_map (float32, float64).
+// Criss-cross attention on the CPU: the products of cc_attention.h for float32 / float64 features of any strides
+// (NCHW, NHWC, channel slices), with the attention in blocks (rows (N, H, W, W), columns (N, W, H, H)).
 //
-// Layout (the original CUDA extension's): for the pixel (y, x) of an (N, H+W-1, H, W) attention tensor, channels
-// [0, W) are the keys on the same row (x' = 0..W-1, self included) and channels [W, W+H-1) the keys on the same
-// column with y' != y, in increasing y'.
-//
-// Three products cover the forward and backward of both ops:
-//   affinity(a, b)[k, y, x]  = <a[:, y, x], b[:, key_k(y, x)]>              ca_weight; grad of attention in ca_map
-//   gather(A, v)[c, y, x]    = sum_k A[k, y, x] v[c, key_k(y, x)]          ca_map; grad of query in ca_weight
-//   scatter(A, g)[c, p]      = sum_{(k, y, x): key_k(y, x) = p} A[k, y, x] g[c, y, x]
-//                                                                          grad of value / key
-// Each splits into a row part (a batch of small GEMMs, one per image row) and a column part (one per image column,
-// with the column channels of the attention spread into a dense (H, H) matrix with a zero diagonal). Each GEMM
-// packs its panels into contiguous buffers; the micro-kernel keeps a block of accumulators in vector registers
-// (GCC/Clang vector extension) and streams them.
-#include <torch/extension.h>
+// Every product is a row part (a batch of small GEMMs, one per image row y) plus a column part (one per image column
+// x); the blocks are read and written as those GEMMs' operands directly. Each GEMM packs its panels into contiguous
+// buffers; the micro-kernel keeps a block of accumulators in vector registers (GCC/Clang vector extension) and
+// streams them. float16 / bfloat16 features (CPU autocast) go through ATen's batched matrix multiply instead, and
+// the softmax runs as ATen tensor operations for every dtype (ops.cpp).
+#include "../cc_attention.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+namespace ccnet {
 namespace {
 
 // SIMD vectors through the GCC/Clang vector extension: 32 bytes (8 floats, 4 doubles), plain loads and stores.
@@ -53,12 +48,12 @@ inline void store(T* p, Vector<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// dst[r * d_row + c * d_col] (+)= src[r * s_row + c * s_col] for r < rows, c < cols, in square blocks so that
+// dst[r * d_row + c * d_col] = src[r * s_row + c * s_col] for r < rows, c < cols, in square blocks so that
 // both sides touch few cache lines and pages at a time (the strided side of a transpose).
-template <typename T, bool kAdd = false>
+template <typename T>
 void copy_2d(const T* src, int64_t s_row, int64_t s_col, T* dst, int64_t d_row, int64_t d_col, int64_t rows,
              int64_t cols) {
-  if (!kAdd && s_col == 1 && d_col == 1) {  // rows are contiguous on both sides
+  if (s_col == 1 && d_col == 1) {  // rows are contiguous on both sides
     for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * d_row, src + r * s_row, cols * sizeof(T));
     return;
   }
@@ -67,12 +62,7 @@ void copy_2d(const T* src, int64_t s_row, int64_t s_col, T* dst, int64_t d_row, 
     for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
       const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
       for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) {
-          if constexpr (kAdd)
-            dst[r * d_row + c * d_col] += src[r * s_row + c * s_col];
-          else
-            dst[r * d_row + c * d_col] = src[r * s_row + c * s_col];
-        }
+        for (int64_t c = c0; c < c1; ++c) dst[r * d_row + c * d_col] = src[r * s_row + c * s_col];
     }
 }
 
@@ -163,198 +153,123 @@ void batched_gemm(const T* P, Strides p, const T* Q, Strides q, T* O, Strides o,
   });
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Layout changes: the column channels of an attention map as dense per-column matrices with a zero diagonal (the
-// pixel itself is a row key), so that the column part of every product is a batch of GEMMs over x.
-
-// Per-column matrices of the column channels. Column channel j of the pixel (y, x) is the key row
-// y' = j + (j >= y); seen from the key row, the pixels y < y' hold it in channel W + y' - 1, those y > y' in W + y'.
-
-// M[x, y', y] = attention[W + j, y, x], zero where y' == y. M is (W, H, H).
+// O = P Q as batched_gemm computes it, oriented so that the micro-kernel's vector stores run along a unit stride of
+// O: when O's columns are strided but its rows are not, it computes O^T = Q^T P^T instead.
 template <typename T>
-void column_channels_to_matrices(const T* attention, T* M, int64_t H, int64_t W) {
-  const int64_t HW = H * W, HH = H * H;
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t yk = begin; yk < end; ++yk) {
-      T* m = M + yk * H;
-      if (yk > 0) copy_2d<T>(attention + (W + yk - 1) * HW, W, 1, m, 1, HH, yk, W);
-      if (yk + 1 < H) copy_2d<T>(attention + (W + yk) * HW + (yk + 1) * W, W, 1, m + yk + 1, 1, HH, H - 1 - yk, W);
-      for (int64_t x = 0; x < W; ++x) m[yk + x * HH] = T(0);
-    }
-  });
+void gemm(const T* P, Strides p, const T* Q, Strides q, T* O, Strides o, int64_t batches, int64_t A, int64_t Z,
+          int64_t X, bool accumulate) {
+  if (o.cols != 1 && o.rows == 1) {
+    batched_gemm<T>(Q, {q.batch, q.cols, q.rows}, P, {p.batch, p.cols, p.rows}, O, {o.batch, o.cols, o.rows}, batches,
+                    X, Z, A, accumulate);
+  } else {
+    batched_gemm<T>(P, p, Q, q, O, o, batches, A, Z, X, accumulate);
+  }
 }
 
-// attention[W + j, y, x] = M[x, y', y]: the inverse of column_channels_to_matrices.
+// One image of a (N, C, H, W) tensor: element (c, y, x) at data[c * c_stride + y * y_stride + x * x_stride].
 template <typename T>
-void matrices_to_column_channels(const T* M, T* attention, int64_t H, int64_t W) {
-  const int64_t HW = H * W, HH = H * H;
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t yk = begin; yk < end; ++yk) {
-      const T* m = M + yk * H;
-      if (yk > 0) copy_2d<T>(m, 1, HH, attention + (W + yk - 1) * HW, W, 1, yk, W);
-      if (yk + 1 < H) copy_2d<T>(m + yk + 1, 1, HH, attention + (W + yk) * HW + (yk + 1) * W, W, 1, H - 1 - yk, W);
-    }
-  });
+struct Plane {
+  T* data;
+  int64_t c_stride, y_stride, x_stride;
+};
+
+template <typename T>
+Plane<T> plane(const at::Tensor& t, int64_t n) {
+  return {t.data_ptr<std::remove_const_t<T>>() + n * t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// M[x, y, y'] = attention[W + j, y, x], zero where y' == y: the per-column matrices transposed.
-template <typename T>
-void column_channels_to_transposed_matrices(const T* attention, T* M, int64_t H, int64_t W) {
-  const int64_t HW = H * W, HH = H * H;
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t y = begin; y < end; ++y) {
-      const T* channels = attention + W * HW + y * W;  // channel W + j of row y
-      T* m = M + y * H;
-      copy_2d<T>(channels, HW, 1, m, 1, HH, y, W);                         // y' = j < y
-      copy_2d<T>(channels + y * HW, HW, 1, m + y + 1, 1, HH, H - 1 - y, W);  // y' = j + 1 > y
-      for (int64_t x = 0; x < W; ++x) m[y + x * HH] = T(0);
-    }
-  });
-}
-
-// Channels per pass of a column part: within a pass, consecutive columns x reuse the same cache lines.
+// Channels per pass of a column part when channels are far apart in memory (NCHW): within a pass, neighbouring
+// columns x reuse the cache lines of the rows they read. Channel-contiguous features take all channels at once.
 constexpr int64_t kChannelsPerPass = 32;
 
-// Scratch elements of the products below: the per-column matrices.
-int64_t scratch_size(int64_t H, int64_t W) { return W * H * H; }
+int64_t channels_per_pass(int64_t c_stride, int64_t C) { return c_stride == 1 ? std::max<int64_t>(C, 1) : kChannelsPerPass; }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The three products for one batch element. a, b, v, g, out: (C, H, W); attention: (H+W-1, H, W); contiguous.
+// The three products for one image. rows: (H, W, W), columns: (W, H, H), contiguous.
 
-// out[k, y, x] = <a[:, y, x], b[:, key_k(y, x)]>.
+// rows[y][x][x'] = <a[:, y, x], b[:, y, x']>, columns[x][y][y'] = <a[:, y, x], b[:, y', x]>.
 template <typename T>
-void affinity(const T* a, const T* b, T* out, T* scratch, int64_t C, int64_t H, int64_t W) {
-  const int64_t HW = H * W;
-  // Row part, per y: out[x', y, x] = sum_c b[c, y, x'] a[c, y, x].
-  batched_gemm<T>(b, {W, 1, HW}, a, {W, HW, 1}, out, {W, HW, 1}, H, W, C, W, false);
-  if (H == 1) return;
-  // Column part, per x: M[x, y', y] = sum_c b[c, y', x] a[c, y, x], over passes of channels.
-  T* M = scratch;
-  for (int64_t c0 = 0; c0 < C; c0 += kChannelsPerPass) {
-    const int64_t channels = std::min(kChannelsPerPass, C - c0);
-    batched_gemm<T>(b + c0 * HW, {1, W, HW}, a + c0 * HW, {1, HW, W}, M, {H * H, H, 1}, W, H, channels, H, c0 > 0);
-  }
-  matrices_to_column_channels<T>(M, out, H, W);
+void affinity_plane(Plane<const T> a, Plane<const T> b, T* rows, T* columns, int64_t C, int64_t H, int64_t W) {
+  // Per y: (W x C) x (C x W).
+  gemm<T>(a.data, {a.y_stride, a.x_stride, a.c_stride}, b.data, {b.y_stride, b.c_stride, b.x_stride}, rows,
+          {W * W, W, 1}, H, W, C, W, false);
+  // Per x: (H x C) x (C x H), in passes over the channels.
+  const int64_t pass = channels_per_pass(a.c_stride, C);
+  for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += pass)
+    gemm<T>(a.data + c0 * a.c_stride, {a.x_stride, a.y_stride, a.c_stride}, b.data + c0 * b.c_stride,
+            {b.x_stride, b.c_stride, b.y_stride}, columns, {H * H, H, 1}, W, H, std::min(pass, C - c0), H, c0 > 0);
 }
 
-// Column part of gather and scatter: out[c, y, x] += sum_z g[c, z, x] M[x, z, y], over passes of channels.
+// out[c, y, x] = sum_x' rows[y][x][x'] v[c, y, x'] + sum_y' columns[x][y][y'] v[c, y', x].
 template <typename T>
-void add_column_product(const T* M, const T* g, T* out, int64_t C, int64_t H, int64_t W) {
-  const int64_t HW = H * W;
-  for (int64_t c0 = 0; c0 < C; c0 += kChannelsPerPass) {
-    const int64_t channels = std::min(kChannelsPerPass, C - c0);
-    batched_gemm<T>(g + c0 * HW, {1, HW, W}, M, {H * H, H, 1}, out + c0 * HW, {1, HW, W}, W, channels, H, H, true);
-  }
+void gather_plane(const T* rows, const T* columns, Plane<const T> v, Plane<T> out, int64_t C, int64_t H, int64_t W) {
+  // Per y: (C x W') x (W' x W), the row block read transposed.
+  gemm<T>(v.data, {v.y_stride, v.c_stride, v.x_stride}, rows, {W * W, 1, W}, out.data,
+          {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
+  // Per x: (C x H') x (H' x H), the column block read transposed, in passes over the channels.
+  const int64_t pass = channels_per_pass(v.c_stride, C);
+  for (int64_t c0 = 0; c0 < C; c0 += pass)
+    gemm<T>(v.data + c0 * v.c_stride, {v.x_stride, v.c_stride, v.y_stride}, columns, {H * H, 1, H},
+            out.data + c0 * out.c_stride, {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H,
+            true);
 }
 
-// out[c, y, x] = sum_k attention[k, y, x] v[c, key_k(y, x)].
+// out[c, y, x'] = sum_x g[c, y, x] rows[y][x][x'] + (at (y', x)) sum_y g[c, y, x] columns[x][y][y'].
 template <typename T>
-void gather(const T* attention, const T* v, T* out, T* scratch, int64_t C, int64_t H, int64_t W) {
-  const int64_t HW = H * W;
-  // Row part, per y: out[c, y, x] = sum_x' v[c, y, x'] attention[x', y, x].
-  batched_gemm<T>(v, {W, HW, 1}, attention, {W, HW, 1}, out, {W, HW, 1}, H, C, W, W, false);
-  if (H == 1) return;
-  // Column part: out[c, y, x] += sum_y' v[c, y', x] M[x, y', y].
-  column_channels_to_matrices<T>(attention, scratch, H, W);
-  add_column_product<T>(scratch, v, out, C, H, W);
-}
-
-// out[c, y', x'] = sum over the pixels (y, x) whose key k is (y', x') of attention[k, y, x] g[c, y, x].
-template <typename T>
-void scatter(const T* attention, const T* g, T* out, T* scratch, int64_t C, int64_t H, int64_t W) {
-  const int64_t HW = H * W;
-  // Row part, per y: out[c, y, x'] = sum_x g[c, y, x] attention[x', y, x] (row attention read transposed).
-  batched_gemm<T>(g, {W, HW, 1}, attention, {W, 1, HW}, out, {W, HW, 1}, H, C, W, W, false);
-  if (H == 1) return;
-  // Column part: out[c, y', x] += sum_y g[c, y, x] M[x, y, y'].
-  column_channels_to_transposed_matrices<T>(attention, scratch, H, W);
-  add_column_product<T>(scratch, g, out, C, H, W);
+void scatter_plane(const T* rows, const T* columns, Plane<const T> g, Plane<T> out, int64_t C, int64_t H, int64_t W) {
+  // Per y: (C x W) x (W x W').
+  gemm<T>(g.data, {g.y_stride, g.c_stride, g.x_stride}, rows, {W * W, W, 1}, out.data,
+          {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
+  // Per x: (C x H) x (H x H'), in passes over the channels.
+  const int64_t pass = channels_per_pass(g.c_stride, C);
+  for (int64_t c0 = 0; c0 < C; c0 += pass)
+    gemm<T>(g.data + c0 * g.c_stride, {g.x_stride, g.c_stride, g.y_stride}, columns, {H * H, H, 1},
+            out.data + c0 * out.c_stride, {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H,
+            true);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Entry points. Inputs are checked in Python; here only what would make the kernel read out of bounds.
-// Tensors must be contiguous in (C, H, W); the batch stride is free (e.g. channel slices of one (N, C1+C2, H, W)).
+// The CPU kernels: the micro-kernel for float32 / float64, ATen's batched matrix multiply for 16-bit types.
 
-void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 4, name, " must have 4 dimensions, got ", t.sizes());
-  TORCH_CHECK(t.size(0) == 0 || t[0].is_contiguous(), name,
-              " must be contiguous in its last three dimensions, got strides ", t.strides());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", t.scalar_type());
+bool micro_kernel_takes(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-// Runs product(first[n], second[n], out[n], scratch) for every batch element n.
-template <typename Product>
-at::Tensor batched(const at::Tensor& first, const at::Tensor& second, std::vector<int64_t> out_shape,
-                   int64_t scratch_elements, Product product) {
-  at::Tensor out = at::empty(out_shape, first.options());
-  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "cc_attention_cpu", [&] {
-    at::Tensor scratch = at::empty({scratch_elements}, first.options());
-    const int64_t first_stride = first.stride(0), second_stride = second.stride(0), out_stride = out.stride(0);
-    for (int64_t n = 0; n < first.size(0); ++n)
-      product(first.data_ptr<scalar_t>() + n * first_stride, second.data_ptr<scalar_t>() + n * second_stride,
-              out.data_ptr<scalar_t>() + n * out_stride, scratch.data_ptr<scalar_t>());
-  });
-  return out;
-}
-
-// affinity(a, b): (N, C, H, W) x (N, C, H, W) -> (N, H+W-1, H, W).
-at::Tensor affinity_batched(const at::Tensor& a, const at::Tensor& b) {
+void affinity_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at::Tensor& columns) {
+  if (!micro_kernel_takes(a)) return affinity_by_matmul(a, b, rows, columns);
   const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
-  return batched(a, b, {a.size(0), H + W - 1, H, W}, scratch_size(H, W), [&](auto pa, auto pb, auto po, auto s) {
-    affinity(pa, pb, po, s, C, H, W);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ccnet_affinity_cpu", [&] {
+    for (int64_t n = 0; n < a.size(0); ++n)
+      affinity_plane<scalar_t>(plane<const scalar_t>(a, n), plane<const scalar_t>(b, n),
+                               rows.data_ptr<scalar_t>() + n * H * W * W, columns.data_ptr<scalar_t>() + n * W * H * H,
+                               C, H, W);
   });
 }
 
-// gather(attention, v): (N, H+W-1, H, W) x (N, C, H, W) -> (N, C, H, W).
-at::Tensor gather_batched(const at::Tensor& attention, const at::Tensor& v) {
+void gather_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& v, at::Tensor& out) {
+  if (!micro_kernel_takes(v)) return gather_by_matmul(rows, columns, v, out);
   const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
-  return batched(attention, v, {v.size(0), C, H, W}, scratch_size(H, W), [&](auto pa, auto pv, auto po, auto s) {
-    gather(pa, pv, po, s, C, H, W);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ccnet_gather_cpu", [&] {
+    for (int64_t n = 0; n < v.size(0); ++n)
+      gather_plane<scalar_t>(rows.data_ptr<scalar_t>() + n * H * W * W, columns.data_ptr<scalar_t>() + n * W * H * H,
+                             plane<const scalar_t>(v, n), plane<scalar_t>(out, n), C, H, W);
   });
 }
 
-// scatter(attention, g): (N, H+W-1, H, W) x (N, C, H, W) -> (N, C, H, W).
-at::Tensor scatter_batched(const at::Tensor& attention, const at::Tensor& g) {
+void scatter_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& g, at::Tensor& out) {
+  if (!micro_kernel_takes(g)) return scatter_by_matmul(rows, columns, g, out);
   const int64_t C = g.size(1), H = g.size(2), W = g.size(3);
-  return batched(attention, g, {g.size(0), C, H, W}, scratch_size(H, W),
-                 [&](auto pa, auto pg, auto po, auto s) { scatter(pa, pg, po, s, C, H, W); });
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "ccnet_scatter_cpu", [&] {
+    for (int64_t n = 0; n < g.size(0); ++n)
+      scatter_plane<scalar_t>(rows.data_ptr<scalar_t>() + n * H * W * W, columns.data_ptr<scalar_t>() + n * W * H * H,
+                              plane<const scalar_t>(g, n), plane<scalar_t>(out, n), C, H, W);
+  });
 }
 
-at::Tensor ca_weight_forward(const at::Tensor& query, const at::Tensor& key) {
-  check_input(query, "query");
-  check_input(key, "key");
-  return affinity_batched(query, key);
-}
-
-std::vector<at::Tensor> ca_weight_backward(const at::Tensor& grad_energy, const at::Tensor& query,
-                                           const at::Tensor& key) {
-  check_input(grad_energy, "grad_energy");
-  check_input(query, "query");
-  check_input(key, "key");
-  return {gather_batched(grad_energy, key), scatter_batched(grad_energy, query)};
-}
-
-at::Tensor ca_map_forward(const at::Tensor& attention, const at::Tensor& value) {
-  check_input(attention, "attention");
-  check_input(value, "value");
-  return gather_batched(attention, value);
-}
-
-std::vector<at::Tensor> ca_map_backward(const at::Tensor& grad_out, const at::Tensor& attention,
-                                        const at::Tensor& value) {
-  check_input(grad_out, "grad_out");
-  check_input(attention, "attention");
-  check_input(value, "value");
-  return {affinity_batched(grad_out, value), scatter_batched(attention, grad_out)};
-}
+const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_by_tensor_ops_,
+                                softmax_backward_by_tensor_ops_, /*needs_unit_channel_stride=*/false};
 
 }  // namespace
+}  // namespace ccnet
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("ca_weight_forward", &ca_weight_forward, "criss-cross energies (N,C',H,W)x(N,C',H,W)->(N,H+W-1,H,W)");
-  m.def("ca_weight_backward", &ca_weight_backward, "gradients of ca_weight w.r.t. query and key");
-  m.def("ca_map_forward", &ca_map_forward, "criss-cross aggregation (N,H+W-1,H,W)x(N,C,H,W)->(N,C,H,W)");
-  m.def("ca_map_backward", &ca_map_backward, "gradients of ca_map w.r.t. attention and value");
-}
+TORCH_LIBRARY_IMPL(ccnet, CPU, m) { ccnet::register_device(m, c10::DeviceType::CPU, ccnet::kCpuKernels); }

@@ -1,0 +1,439 @@
+// The ccnet:: operators: schemas, the forward and backward passes composed from a device's kernels, autograd.
+//
+// Public operators (what cc_attention.functions calls):
+//   criss_cross_attention(query, key, value) -> out       ca_map(softmax(ca_weight(query, key)), value), fused
+//   ca_weight(query, key) -> energy (N, H+W-1, H, W)        the public attention layout of the original
+//   ca_map(attention, value) -> out
+// Their forward / backward operators (functional, one per pass) are what autograd records; torch.compile and
+// torch.export see them too (their fake kernels are registered in Python, cc_attention/library.py).
+#include "cc_attention.h"
+
+#include <array>
+#include <limits>
+#include <tuple>
+
+namespace ccnet {
+namespace {
+
+using at::Tensor;
+using TensorPair = std::tuple<Tensor, Tensor>;
+using TensorTriple = std::tuple<Tensor, Tensor, Tensor>;
+
+// ---------------------------------------------------------------------------------------------------------------
+// The devices' kernels.
+
+std::array<const DeviceKernels*, 2> registered_kernels{};  // [CPU, CUDA]
+
+int device_slot(c10::DeviceType device) {
+  return device == c10::DeviceType::CPU ? 0 : device == c10::DeviceType::CUDA ? 1 : -1;
+}
+
+const DeviceKernels& kernels_for(const Tensor& t) {
+  const int slot = device_slot(t.device().type());
+  TORCH_CHECK(slot >= 0 && registered_kernels[slot] != nullptr, "ccnet: no criss-cross attention kernels for ",
+              t.device(), " tensors in this build");
+  return *registered_kernels[slot];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Checks (the Python functions check their arguments first, with messages for users; these guard the kernels).
+
+void check_features(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "ccnet: ", name, " must be 4-D (N, C, H, W), got sizes ", t.sizes());
+  TORCH_CHECK(t.is_floating_point(), "ccnet: ", name, " must be floating point, got ", t.scalar_type());
+}
+
+void check_alike(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.device() == b.device() && a.scalar_type() == b.scalar_type(), "ccnet: ", a_name, " and ", b_name,
+              " must share device and dtype, got ", a.device(), " ", a.scalar_type(), " and ", b.device(), " ",
+              b.scalar_type());
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.size(3) == b.size(3), "ccnet: ", a_name, " and ",
+              b_name, " must agree in N, H and W, got sizes ", a.sizes(), " and ", b.sizes());
+}
+
+void check_attention_inputs(const Tensor& query, const Tensor& key, const Tensor& value) {
+  check_features(query, "query");
+  check_features(key, "key");
+  check_features(value, "value");
+  TORCH_CHECK(query.sizes() == key.sizes(), "ccnet: query and key must have the same sizes, got ", query.sizes(),
+              " and ", key.sizes());
+  check_alike(query, "query", key, "key");
+  check_alike(query, "query", value, "value");
+}
+
+void check_blocks(const Tensor& rows, const Tensor& columns, const Tensor& features) {
+  const int64_t N = features.size(0), H = features.size(2), W = features.size(3);
+  TORCH_CHECK(rows.sizes() == at::IntArrayRef({N, H, W, W}) && columns.sizes() == at::IntArrayRef({N, W, H, H}) &&
+                  rows.is_contiguous() && columns.is_contiguous() && rows.scalar_type() == features.scalar_type() &&
+                  columns.scalar_type() == features.scalar_type(),
+              "ccnet: attention blocks must be contiguous (N, H, W, W) and (N, W, H, H) of the features' dtype, got ",
+              rows.sizes(), " and ", columns.sizes());
+}
+
+void check_public_attention(const Tensor& attention, const Tensor& value) {
+  check_features(attention, "attention");
+  const int64_t N = value.size(0), H = value.size(2), W = value.size(3);
+  TORCH_CHECK(attention.sizes() == at::IntArrayRef({N, H + W - 1, H, W}), "ccnet: attention must be (N, H+W-1, H, W) = ",
+              at::IntArrayRef({N, H + W - 1, H, W}), " for value ", value.sizes(), ", got ", attention.sizes());
+  check_alike(attention, "attention", value, "value");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Memory formats. Outputs of the shape of a feature tensor take its memory format: channels-last when its channel
+// stride is 1 (NHWC, or a channel slice of an NHWC tensor), contiguous otherwise. The fake kernels in Python
+// apply the same rule.
+
+Tensor empty_features(const Tensor& like) {
+  const bool channels_last = like.stride(1) == 1 && like.size(1) > 1;
+  return at::empty(like.sizes(), like.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                            : at::MemoryFormat::Contiguous));
+}
+
+// `t` as the device's products take it (a channels-last copy where they need a unit channel stride).
+Tensor operand(const DeviceKernels& kernels, const Tensor& t) {
+  if (!kernels.needs_unit_channel_stride || t.stride(1) == 1) return t;
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Runs product(target) for the output `out`: into `out` itself, or through a channels-last temporary copied back.
+template <typename Product>
+void write_features(const DeviceKernels& kernels, Tensor& out, Product product) {
+  if (!kernels.needs_unit_channel_stride || out.stride(1) == 1) {
+    product(out);
+    return;
+  }
+  Tensor work = at::empty(out.sizes(), out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  product(work);
+  out.copy_(work);
+}
+
+Tensor empty_rows(const Tensor& features) {
+  const int64_t W = features.size(3);
+  return at::empty({features.size(0), features.size(2), W, W}, features.options());
+}
+
+Tensor empty_columns(const Tensor& features) {
+  const int64_t H = features.size(2);
+  return at::empty({features.size(0), features.size(3), H, H}, features.options());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The public layout (N, H+W-1, H, W) and the blocks.
+
+// index[n, j, y, x] = j + (j >= y): the row y' of the j-th column key of a pixel on row y; (N, H-1, H, W), expanded.
+Tensor column_key_index(int64_t N, int64_t H, int64_t W, const at::Device& device) {
+  const auto options = at::TensorOptions().dtype(at::kLong).device(device);
+  const Tensor j = at::arange(H - 1, options).view({H - 1, 1});
+  const Tensor y = at::arange(H, options).view({1, H});
+  return (j + j.ge(y).to(at::kLong)).view({1, H - 1, H, 1}).expand({N, H - 1, H, W});
+}
+
+Tensor blocks_to_public(const Tensor& rows, const Tensor& columns) {
+  const int64_t N = rows.size(0), H = rows.size(1), W = rows.size(2);
+  Tensor attention = at::empty({N, H + W - 1, H, W}, rows.options());
+  attention.narrow(1, 0, W).copy_(rows.permute({0, 3, 1, 2}));  // [n, x', y, x]
+  if (H > 1) {
+    const Tensor by_key_row = columns.permute({0, 3, 2, 1});  // [n, y', y, x]
+    attention.narrow(1, W, H - 1).copy_(at::gather(by_key_row, 1, column_key_index(N, H, W, rows.device())));
+  }
+  return attention;
+}
+
+TensorPair public_to_blocks(const Tensor& attention) {
+  const int64_t N = attention.size(0), H = attention.size(2), W = attention.size(3);
+  Tensor rows = attention.narrow(1, 0, W).permute({0, 2, 3, 1}).contiguous();
+  Tensor by_key_row = at::zeros({N, H, H, W}, attention.options());  // [n, y', y, x], zero where y' == y
+  if (H > 1) by_key_row.scatter_(1, column_key_index(N, H, W, attention.device()), attention.narrow(1, W, H - 1));
+  return {rows, by_key_row.permute({0, 3, 2, 1}).contiguous()};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The operators' device kernels: the same code for every device, on its DeviceKernels.
+
+TensorTriple attention_forward(const Tensor& query, const Tensor& key, const Tensor& value) {
+  check_attention_inputs(query, key, value);
+  const DeviceKernels& kernels = kernels_for(value);
+  Tensor rows = empty_rows(value), columns = empty_columns(value);
+  kernels.affinity(operand(kernels, query), operand(kernels, key), rows, columns);
+  kernels.softmax_(rows, columns);
+  Tensor out = empty_features(value);
+  const Tensor v = operand(kernels, value);
+  write_features(kernels, out, [&](Tensor& target) { kernels.gather(rows, columns, v, target); });
+  return {out, rows, columns};
+}
+
+Tensor attention_output(const Tensor& query, const Tensor& key, const Tensor& value) {
+  return std::get<0>(attention_forward(query, key, value));
+}
+
+TensorTriple attention_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value,
+                                const Tensor& rows, const Tensor& columns) {
+  check_attention_inputs(query, key, value);
+  check_blocks(rows, columns, value);
+  const DeviceKernels& kernels = kernels_for(value);
+  const Tensor g = operand(kernels, grad_out.to(value.scalar_type()));
+  const Tensor v = operand(kernels, value);
+  Tensor grad_rows = at::empty_like(rows), grad_columns = at::empty_like(columns);
+  kernels.affinity(g, v, grad_rows, grad_columns);  // the gradient of the attention
+  Tensor grad_value = empty_features(value);
+  write_features(kernels, grad_value, [&](Tensor& target) { kernels.scatter(rows, columns, g, target); });
+  kernels.softmax_backward_(grad_rows, grad_columns, rows, columns);  // now the gradient of the energies
+  Tensor grad_query = empty_features(query), grad_key = empty_features(key);
+  const Tensor q = operand(kernels, query), k = operand(kernels, key);
+  write_features(kernels, grad_query, [&](Tensor& target) { kernels.gather(grad_rows, grad_columns, k, target); });
+  write_features(kernels, grad_key, [&](Tensor& target) { kernels.scatter(grad_rows, grad_columns, q, target); });
+  return {grad_query, grad_key, grad_value};
+}
+
+Tensor ca_weight_forward(const Tensor& query, const Tensor& key) {
+  check_features(query, "query");
+  check_features(key, "key");
+  TORCH_CHECK(query.sizes() == key.sizes(), "ccnet: query and key must have the same sizes, got ", query.sizes(),
+              " and ", key.sizes());
+  check_alike(query, "query", key, "key");
+  const DeviceKernels& kernels = kernels_for(query);
+  Tensor rows = empty_rows(query), columns = empty_columns(query);
+  kernels.affinity(operand(kernels, query), operand(kernels, key), rows, columns);
+  return blocks_to_public(rows, columns);
+}
+
+TensorPair ca_weight_backward(const Tensor& grad_energy, const Tensor& query, const Tensor& key) {
+  check_public_attention(grad_energy.to(query.scalar_type()), query);
+  const DeviceKernels& kernels = kernels_for(query);
+  const auto [grad_rows, grad_columns] = public_to_blocks(grad_energy.to(query.scalar_type()));
+  Tensor grad_query = empty_features(query), grad_key = empty_features(key);
+  const Tensor q = operand(kernels, query), k = operand(kernels, key);
+  write_features(kernels, grad_query, [&](Tensor& target) { kernels.gather(grad_rows, grad_columns, k, target); });
+  write_features(kernels, grad_key, [&](Tensor& target) { kernels.scatter(grad_rows, grad_columns, q, target); });
+  return {grad_query, grad_key};
+}
+
+Tensor ca_map_forward(const Tensor& attention, const Tensor& value) {
+  check_features(value, "value");
+  check_public_attention(attention, value);
+  const DeviceKernels& kernels = kernels_for(value);
+  const auto [rows, columns] = public_to_blocks(attention);
+  Tensor out = empty_features(value);
+  const Tensor v = operand(kernels, value);
+  write_features(kernels, out, [&](Tensor& target) { kernels.gather(rows, columns, v, target); });
+  return out;
+}
+
+TensorPair ca_map_backward(const Tensor& grad_out, const Tensor& attention, const Tensor& value) {
+  check_features(value, "value");
+  check_public_attention(attention, value);
+  const DeviceKernels& kernels = kernels_for(value);
+  const Tensor g = operand(kernels, grad_out.to(value.scalar_type()));
+  const Tensor v = operand(kernels, value);
+  Tensor grad_rows = empty_rows(value), grad_columns = empty_columns(value);
+  kernels.affinity(g, v, grad_rows, grad_columns);
+  const Tensor grad_attention = blocks_to_public(grad_rows, grad_columns);
+  const auto [rows, columns] = public_to_blocks(attention);
+  Tensor grad_value = empty_features(value);
+  write_features(kernels, grad_value, [&](Tensor& target) { kernels.scatter(rows, columns, g, target); });
+  return {grad_attention, grad_value};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Autograd: each public operator records one node whose backward is the matching backward operator.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_operator(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+class CrissCrossAttentionFunction : public torch::autograd::Function<CrissCrossAttentionFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& query, const Tensor& key, const Tensor& value) {
+    static const auto op =
+        find_operator<TensorTriple(const Tensor&, const Tensor&, const Tensor&)>("ccnet::criss_cross_attention_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, rows, columns] = op.call(query, key, value);
+    ctx->save_for_backward({query, key, value, rows, columns});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto op =
+        find_operator<TensorTriple(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&)>("ccnet::criss_cross_attention_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    auto [grad_query, grad_key, grad_value] = op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4]);
+    return {grad_query, grad_key, grad_value};
+  }
+};
+
+class CaWeightFunction : public torch::autograd::Function<CaWeightFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& query, const Tensor& key) {
+    static const auto op = find_operator<Tensor(const Tensor&, const Tensor&)>("ccnet::ca_weight");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({query, key});
+    return op.call(query, key);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto op =
+        find_operator<TensorPair(const Tensor&, const Tensor&, const Tensor&)>("ccnet::ca_weight_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    auto [grad_query, grad_key] = op.call(grad_outputs[0], saved[0], saved[1]);
+    return {grad_query, grad_key};
+  }
+};
+
+class CaMapFunction : public torch::autograd::Function<CaMapFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& attention, const Tensor& value) {
+    static const auto op = find_operator<Tensor(const Tensor&, const Tensor&)>("ccnet::ca_map");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({attention, value});
+    return op.call(attention, value);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto op =
+        find_operator<TensorPair(const Tensor&, const Tensor&, const Tensor&)>("ccnet::ca_map_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    auto [grad_attention, grad_value] = op.call(grad_outputs[0], saved[0], saved[1]);
+    return {grad_attention, grad_value};
+  }
+};
+
+Tensor criss_cross_attention_autograd(const Tensor& query, const Tensor& key, const Tensor& value) {
+  return CrissCrossAttentionFunction::apply(query, key, value);
+}
+
+Tensor ca_weight_autograd(const Tensor& query, const Tensor& key) { return CaWeightFunction::apply(query, key); }
+
+Tensor ca_map_autograd(const Tensor& attention, const Tensor& value) { return CaMapFunction::apply(attention, value); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The products through ATen's batched matrix multiply.
+
+// Features (N, C, H, W) as matrices [x][c] per image row (N, H, W, C), or [y][c] per image column (N, W, H, C).
+Tensor by_rows(const Tensor& t) { return t.permute({0, 2, 3, 1}); }
+Tensor by_columns(const Tensor& t) { return t.permute({0, 3, 2, 1}); }
+
+// Whether the two batch dimensions of a 4-D tensor merge into one with a single stride.
+bool batch_dims_merge(const Tensor& t) {
+  return t.size(0) == 1 || t.size(1) == 1 || t.stride(0) == t.size(1) * t.stride(1);
+}
+
+Tensor merged_batch_dims(const Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2), t.size(3)}); }
+
+void matmul_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (accumulate) {
+    out.baddbmm_(a, b);
+  } else {
+    at::bmm_out(out, a, b);
+  }
+}
+
+// out[i, j] = a[i, j] @ b[i, j] (or +=) for 4-D tensors: one batched product where the batch dimensions of all
+// three merge, else one per i. The matrices are strided views: BLAS reads and writes them in place when one of
+// their two strides is 1.
+void batched_matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (out.numel() == 0) return;
+  if (batch_dims_merge(out) && batch_dims_merge(a) && batch_dims_merge(b)) {
+    matmul_into(merged_batch_dims(out), merged_batch_dims(a), merged_batch_dims(b), accumulate);
+    return;
+  }
+  for (int64_t i = 0; i < out.size(0); ++i) matmul_into(out[i], a[i], b[i], accumulate);
+}
+
+}  // namespace
+
+void affinity_by_matmul(const Tensor& a, const Tensor& b, Tensor& rows, Tensor& columns) {
+  batched_matmul(rows, by_rows(a), by_rows(b).transpose(2, 3), false);
+  batched_matmul(columns, by_columns(a), by_columns(b).transpose(2, 3), false);
+}
+
+void gather_by_matmul(const Tensor& rows, const Tensor& columns, const Tensor& v, Tensor& out) {
+  batched_matmul(by_rows(out), rows, by_rows(v), false);
+  batched_matmul(by_columns(out), columns, by_columns(v), true);
+}
+
+void scatter_by_matmul(const Tensor& rows, const Tensor& columns, const Tensor& g, Tensor& out) {
+  batched_matmul(by_rows(out), rows.transpose(2, 3), by_rows(g), false);
+  batched_matmul(by_columns(out), columns.transpose(2, 3), by_columns(g), true);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The joint softmax with ATen tensor operations. The maximum and the sum of a pixel (y, x) combine its row block
+// [y, x, :] and its column block [x, y, :]: reductions over the last dimension, one of them transposed to (y, x).
+
+namespace {
+
+bool is_16_bit(const Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+}  // namespace
+
+void softmax_by_tensor_ops_(Tensor& rows, Tensor& columns) {
+  if (is_16_bit(rows)) {
+    Tensor rows32 = rows.to(at::kFloat), columns32 = columns.to(at::kFloat);
+    softmax_by_tensor_ops_(rows32, columns32);
+    rows.copy_(rows32);
+    columns.copy_(columns32);
+    return;
+  }
+  columns.diagonal(0, 2, 3).fill_(-std::numeric_limits<double>::infinity());
+  const Tensor maximum = at::maximum(rows.amax(3), columns.amax(3).transpose(1, 2));  // (N, H, W)
+  rows.sub_(maximum.unsqueeze(3)).exp_();
+  columns.sub_(maximum.transpose(1, 2).unsqueeze(3)).exp_();
+  const Tensor total = rows.sum(3) + columns.sum(3).transpose(1, 2);
+  rows.div_(total.unsqueeze(3));
+  columns.div_(total.transpose(1, 2).unsqueeze(3));
+}
+
+void softmax_backward_by_tensor_ops_(Tensor& grad_rows, Tensor& grad_columns, const Tensor& rows,
+                                     const Tensor& columns) {
+  if (is_16_bit(grad_rows)) {
+    Tensor grad_rows32 = grad_rows.to(at::kFloat), grad_columns32 = grad_columns.to(at::kFloat);
+    softmax_backward_by_tensor_ops_(grad_rows32, grad_columns32, rows.to(at::kFloat), columns.to(at::kFloat));
+    grad_rows.copy_(grad_rows32);
+    grad_columns.copy_(grad_columns32);
+    return;
+  }
+  grad_columns.diagonal(0, 2, 3).zero_();  // not a key: no gradient, whatever the product left there
+  const Tensor dot = (grad_rows * rows).sum(3) + (grad_columns * columns).sum(3).transpose(1, 2);  // (N, H, W)
+  grad_rows.sub_(dot.unsqueeze(3)).mul_(rows);
+  grad_columns.sub_(dot.transpose(1, 2).unsqueeze(3)).mul_(columns);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Registration.
+
+void register_device(torch::Library& library, c10::DeviceType device, const DeviceKernels& kernels) {
+  registered_kernels[device_slot(device)] = &kernels;
+  library.impl("criss_cross_attention", &attention_output);
+  library.impl("criss_cross_attention_forward", &attention_forward);
+  library.impl("criss_cross_attention_backward", &attention_backward);
+  library.impl("ca_weight", &ca_weight_forward);
+  library.impl("ca_weight_backward", &ca_weight_backward);
+  library.impl("ca_map", &ca_map_forward);
+  library.impl("ca_map_backward", &ca_map_backward);
+}
+
+}  // namespace ccnet
+
+TORCH_LIBRARY(ccnet, m) {
+  m.def("criss_cross_attention(Tensor query, Tensor key, Tensor value) -> Tensor");
+  m.def("criss_cross_attention_forward(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor, Tensor)");
+  m.def("criss_cross_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+        "Tensor attention_rows, Tensor attention_columns) -> (Tensor, Tensor, Tensor)");
+  m.def("ca_weight(Tensor query, Tensor key) -> Tensor");
+  m.def("ca_weight_backward(Tensor grad_energy, Tensor query, Tensor key) -> (Tensor, Tensor)");
+  m.def("ca_map(Tensor attention, Tensor value) -> Tensor");
+  m.def("ca_map_backward(Tensor grad_out, Tensor attention, Tensor value) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ccnet, Autograd, m) {
+  m.impl("criss_cross_attention", &ccnet::criss_cross_attention_autograd);
+  m.impl("ca_weight", &ccnet::ca_weight_autograd);
+  m.impl("ca_map", &ccnet::ca_map_autograd);
+}
