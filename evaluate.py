@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from dataset.cityscapes import CityscapesDataset, DataError
 from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
+from dataset.predictions import save_label_ids_png, save_paletted_png
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from utils.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,
                                too_many_gpus_message)
 from utils.cli import parse_size
-from utils.inference import predict_logits, save_label_ids_png, save_paletted_png
+from utils.inference import predict_logits
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
 
 

@@ -20,10 +20,11 @@ from typing import List, Optional, Sequence
 import cv2
 import torch
 
+from dataset.predictions import overlay, save_paletted_png
 from dataset.transforms import image_to_tensor
 from evaluate import add_inference_arguments, add_model_arguments, apply_gpu_choice, build_and_load
 from utils.checkpoint import CheckpointError
-from utils.inference import overlay, predict_logits, save_paletted_png
+from utils.inference import predict_logits
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 

@@ -28,9 +28,9 @@ import torch
 from cc_attention.reference import ca_map_reference, ca_weight_reference
 from dataset.transforms import image_to_tensor
 from evaluate import add_model_arguments, apply_gpu_choice, build_and_load, load_snapshot
-from networks import upsample_logits
+from dataset.predictions import overlay
 from utils.checkpoint import CheckpointError
-from utils.inference import overlay
+from utils.logits import upsample_logits
 
 
 def capture_attention(model, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:

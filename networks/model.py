@@ -2,7 +2,6 @@
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from libs.norm import NormFactory, make_norm
@@ -69,10 +68,3 @@ def build_model(
         head = ContextHead(*head_args)
     return SegmentationNet(spec, head, num_classes, norm_layer, multi_grid)
 
-
-def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear upsampling with ``align_corners=True`` (the original's): ``(N, K, h, w) -> (N, K, *size)``.
-
-    The ONE place where logits are resized: the loss, evaluation and inference all call it.
-    """
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)

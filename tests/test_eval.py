@@ -14,9 +14,9 @@ import evaluate
 from dataset.cityscapes import CityscapesDataset, DataError
 from dataset.generate_demo import generate
 from dataset.labels import NUM_CLASSES, PALETTE, label_ids_to_train_ids, train_ids_to_label_ids
+from dataset.predictions import save_label_ids_png, save_paletted_png
 from networks import build_model
 from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.inference import save_label_ids_png, save_paletted_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import torch
 
 from cc_attention import CrissCrossAttention
 from libs.norm import inplace_abn_available
-from networks import BACKBONES, NonLocalBlock, build_model, upsample_logits
+from networks import BACKBONES, NonLocalBlock, build_model
 from test_norm import require_inplace_abn
 
 
@@ -235,14 +235,6 @@ def test_build_model_rejects_bad_arguments():
         build_model(backbone="tiny", recurrence=-1)
     with pytest.raises(ValueError, match="norm"):
         build_model(backbone="tiny", norm="layernorm")
-
-
-def test_upsample_logits_is_bilinear_align_corners():
-    logits = torch.arange(4.0).view(1, 1, 2, 2)
-    up = upsample_logits(logits, (3, 5))
-    assert up.shape == (1, 1, 3, 5)
-    torch.testing.assert_close(up[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]], torch.tensor([0.0, 1.0, 2.0, 3.0]))
-    torch.testing.assert_close(up[0, 0, 1, 2], torch.tensor(1.5))
 
 
 def test_report_counts_the_attention_flops_exactly():

@@ -100,15 +100,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
-    """Return rank ``src``'s ``obj`` on every process (a picklable Python object)."""
-    if not is_distributed():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def cleanup() -> None:
     """Leave the process group (safe to call when none exists)."""
     if is_distributed():
