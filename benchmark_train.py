@@ -69,7 +69,7 @@ def _skip_reason(norm: str, amp: str, device: str) -> str | None:
 def measure(args, norm: str, amp: str) -> dict:
     """Run the steps of one configuration in this process; returns step times (s) and peak memory (bytes)."""
     from networks import build_model
-    from train import AMP_DTYPES, forward_loss, optimizer_step
+    from engine.train_step import AMP_DTYPES, forward_loss, optimizer_step
     from utils.loss import CriterionDSN
 
     device = torch.device(args.device)
