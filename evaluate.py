@@ -31,9 +31,8 @@ from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
 from dataset.predictions import save_label_ids_png, save_paletted_png
 from engine.snapshot import add_inference_arguments, add_model_arguments, build_and_load
 from utils.checkpoint import CheckpointError
-from utils.cli import EXIT_OK, ArgumentParser, parse_non_negative_int, parse_positive_int, report_failure
-from utils.distributed import (all_reduce_sum, apply_gpu_choice, barrier, cleanup, init_distributed,
-                               is_main_process, shard)
+from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main
+from utils.distributed import all_reduce_sum, apply_gpu_choice, barrier, is_main_process, process_group, shard
 from utils.inference import predict_logits
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
 
@@ -92,49 +91,46 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
 
 
 def run(args) -> None:
-    """Evaluate as ``args`` (from :func:`parse_args`) say: print the scores, write result.json and predictions."""
-    info = init_distributed(use_cuda=apply_gpu_choice(args.gpu))
-    dataset = CityscapesDataset(args.data_dir, args.data_list, training=False)
-    labelled = dataset.entries[0].label_path is not None
-    if not labelled and not args.save_pred:
-        raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write predictions")
-    model = build_and_load(args, info.device, verbose=is_main_process())
-    start = time.time()
-    conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
-    if conf is not None:
-        all_reduce_sum(conf)
-    barrier()
-    if is_main_process():
-        mode = "whole image" if args.whole else f"sliding {args.input_size[0]}x{args.input_size[1]} tiles"
-        print(f"{len(dataset)} images from {args.data_list} in {time.time() - start:.1f} s on {info.world_size} "
-              f"process(es): {mode}, scales {args.scales}, flip {args.flip}")
-        if args.save_pred:
-            print(f"predictions: {os.path.abspath(args.save_pred)} (colour) and "
-                  f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
+    """Evaluate as ``args`` (from :func:`parse_args`) say: print the scores, write result.json and predictions.
+
+    Joins the process group that torchrun describes (if any) and leaves it at the end."""
+    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info:
+        dataset = CityscapesDataset(args.data_dir, args.data_list, training=False)
+        labelled = dataset.entries[0].label_path is not None
+        if not labelled and not args.save_pred:
+            raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write "
+                            "predictions")
+        model = build_and_load(args, info.device, verbose=is_main_process())
+        start = time.time()
+        conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
         if conf is not None:
-            scores = scores_from_confusion(conf)
-            class_names = CLASS_NAMES if args.num_classes == NUM_CLASSES else [str(k) for k in range(args.num_classes)]
-            print(format_scores_table(scores, class_names))
-            result_dir = args.save_pred or os.path.dirname(os.path.abspath(args.restore_from))
-            result_path = os.path.join(result_dir, "result.json")
-            write_result_json(result_path, scores, class_names, extra={
-                "snapshot": os.path.abspath(args.restore_from), "data_list": args.data_list,
-                "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
-                "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence,
-            })
-            print(f"result: {result_path}")
+            all_reduce_sum(conf)
+        barrier()
+        if is_main_process():
+            mode = "whole image" if args.whole else f"sliding {args.input_size[0]}x{args.input_size[1]} tiles"
+            print(f"{len(dataset)} images from {args.data_list} in {time.time() - start:.1f} s on {info.world_size} "
+                  f"process(es): {mode}, scales {args.scales}, flip {args.flip}")
+            if args.save_pred:
+                print(f"predictions: {os.path.abspath(args.save_pred)} (colour) and "
+                      f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
+            if conf is not None:
+                scores = scores_from_confusion(conf)
+                class_names = (CLASS_NAMES if args.num_classes == NUM_CLASSES
+                               else [str(k) for k in range(args.num_classes)])
+                print(format_scores_table(scores, class_names))
+                result_dir = args.save_pred or os.path.dirname(os.path.abspath(args.restore_from))
+                result_path = os.path.join(result_dir, "result.json")
+                write_result_json(result_path, scores, class_names, extra={
+                    "snapshot": os.path.abspath(args.restore_from), "data_list": args.data_list,
+                    "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
+                    "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence,
+                })
+                print(f"result: {result_path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 1 the evaluation failed (one line on stderr), 2 bad command line."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
-        return report_failure(error)
-    finally:
-        cleanup()
-    return EXIT_OK
+    return run_main(argv, parse_args, run, (CheckpointError, DataError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataset.predictions import overlay, save_paletted_png
 from dataset.transforms import image_to_tensor
 from engine.snapshot import add_inference_arguments, add_model_arguments, build_and_load
 from utils.checkpoint import CheckpointError
-from utils.cli import EXIT_OK, ArgumentParser, parse_fraction, report_failure
+from utils.cli import ArgumentParser, parse_fraction, run_main
 from utils.distributed import apply_gpu_choice
 from utils.inference import predict_logits
 
@@ -85,12 +85,7 @@ def run(args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 1 the run failed (one line on stderr), 2 bad command line."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
-        return report_failure(error)
-    return EXIT_OK
+    return run_main(argv, parse_args, run, (CheckpointError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from engine.train_step import AMP_DTYPES, forward_loss, optimizer_step
 from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
-from utils.cli import (EXIT_OK, ArgumentParser, parse_bool, parse_fraction, parse_non_negative_int,
-                       parse_positive_int, parse_size, report_failure)
-from utils.distributed import (add_gpu_argument, all_reduce_sum, apply_gpu_choice, barrier, cleanup,
-                               init_distributed, is_main_process)
+from utils.cli import (ArgumentParser, parse_bool, parse_fraction, parse_non_negative_int, parse_positive_int,
+                       parse_size, run_main)
+from utils.distributed import (DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, barrier,
+                               is_main_process, process_group)
 from utils.logger import TrainingLogger
 from utils.loss import CriterionDSN
 from utils.rng import gather_rng_states, seed_all, set_rng_state
@@ -197,8 +197,14 @@ def _snapshot_state(model, optimizer, scaler, iteration: int, args, rng_states: 
 
 # ------------------------------------------------------------------------------------------------- training
 def train(args) -> torch.nn.Module:
-    """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model."""
-    info = init_distributed(use_cuda=apply_gpu_choice(args.gpu))
+    """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model.
+
+    Joins the process group that torchrun describes (if any) and leaves it at the end."""
+    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info:
+        return _train(args, info)
+
+
+def _train(args, info: DistInfo) -> torch.nn.Module:
     rank, world_size, device = info.rank, info.world_size, info.device
     main_process = is_main_process()
     if args.batch_size % world_size:
@@ -288,14 +294,7 @@ def train(args) -> torch.nn.Module:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 1 training failed (one line on stderr), 2 bad command line."""
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (CheckpointError, DataError, FileNotFoundError, TrainingError, ValueError) as error:
-        return report_failure(error)
-    finally:
-        cleanup()
-    return EXIT_OK
+    return run_main(argv, parse_args, train, (CheckpointError, DataError, FileNotFoundError, TrainingError, ValueError))
 
 
 if __name__ == "__main__":

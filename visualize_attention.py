@@ -29,7 +29,7 @@ from dataset.predictions import overlay
 from dataset.transforms import image_to_tensor
 from engine.snapshot import add_model_arguments, build_and_load, load_snapshot
 from utils.checkpoint import CheckpointError
-from utils.cli import EXIT_OK, ArgumentParser, parse_point, parse_positive_float, report_failure
+from utils.cli import ArgumentParser, parse_point, parse_positive_float, run_main
 from utils.distributed import apply_gpu_choice
 from utils.logits import upsample_logits
 
@@ -161,12 +161,7 @@ def run(args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 1 the run failed (one line on stderr), 2 bad command line."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
-        return report_failure(error)
-    return EXIT_OK
+    return run_main(argv, parse_args, run, (CheckpointError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

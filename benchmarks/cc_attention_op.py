@@ -126,8 +126,8 @@ def rows_for(device: str):
 def run_benchmark(batches, size, channels, repeats, device):
     ceiling = gemm_ceiling(device, repeats)
     lines = [
-        f"Device: {describe_device(device)}, torch {torch.__version__}; input N x {channels} x {size} x {size}, float32; "
-        f"GEMM ceiling (torch.mm float32): {ceiling:.0f} GFLOP/s.",
+        f"Device: {describe_device(device)}, torch {torch.__version__}; input N x {channels} x {size} x {size}, "
+        f"float32; GEMM ceiling (torch.mm float32): {ceiling:.0f} GFLOP/s.",
         "",
         "| N | workload | backend | fwd ms | fwd+bwd ms | peak MiB fwd | peak MiB fwd+bwd | GFLOP/s fwd (% ceiling) "
         "| speed-up fwd / fwd+bwd | memory fwd / fwd+bwd |",

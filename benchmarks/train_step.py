@@ -83,7 +83,8 @@ def step_table(configs: Sequence[StepConfig]) -> str:
     lines = [f"Training step (forward + backward + SGD) of CCNet-{first.backbone}, R={first.recurrence}, "
              f"{height}x{width}, batch {first.batch_size}, on {describe_device(first.device)}, torch "
              f"{torch.__version__}; median of {first.steps} steps after {first.warmup} warm-up.", "",
-             f"| norm | precision | step time | images/s | {memory} | added by the steps |", "|---|---|---|---|---|---|"]
+             f"| norm | precision | step time | images/s | {memory} | added by the steps |",
+             "|---|---|---|---|---|---|"]
     for config in configs:
         precision = "fp32" if config.amp == "off" else config.amp
         reason = skip_reason(config)

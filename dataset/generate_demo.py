@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-val", type=parse_non_negative_int, default=8, help="number of validation scenes")
     parser.add_argument("--height", type=parse_non_negative_int, default=128,
                         help=f"image height in pixels, >= {MIN_SIZE}")
-    parser.add_argument("--width", type=parse_non_negative_int, default=256, help=f"image width in pixels, >= {MIN_SIZE}")
+    parser.add_argument("--width", type=parse_non_negative_int, default=256,
+                        help=f"image width in pixels, >= {MIN_SIZE}")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files")
     args = parser.parse_args(argv)
     if args.height < MIN_SIZE or args.width < MIN_SIZE:

@@ -40,7 +40,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """``--input-size --whole --scales --flip`` (see ``utils.inference.predict_logits``)."""
     parser.add_argument("--input-size", type=parse_size, default=(769, 769), help="sliding-window tile 'H,W'")
     parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
-    parser.add_argument("--scales", type=parse_scales, default=[1.0], help="image scales to average, e.g. 0.75,1.0,1.25")
+    parser.add_argument("--scales", type=parse_scales, default=[1.0],
+                        help="image scales to average, e.g. 0.75,1.0,1.25")
     parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
 
 

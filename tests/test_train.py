@@ -17,9 +17,9 @@ def demo(demo_data):
 
 
 def argv_for(demo, snapshot_dir, *extra, steps=4):
-    return ["--data-dir", demo.root, "--data-list", demo.train_list, "--backbone", "tiny", "--norm", "bn", "--gpu", "cpu",
-            "--input-size", "48,96", "--batch-size", "2", "--num-steps", str(steps), "--num-workers", "0",
-            "--restore-from", "", "--snapshot-dir", str(snapshot_dir), *extra]
+    return ["--data-dir", demo.root, "--data-list", demo.train_list, "--backbone", "tiny", "--norm", "bn",
+            "--gpu", "cpu", "--input-size", "48,96", "--batch-size", "2", "--num-steps", str(steps),
+            "--num-workers", "0", "--restore-from", "", "--snapshot-dir", str(snapshot_dir), *extra]
 
 
 def run(demo, snapshot_dir, *extra, steps=4):

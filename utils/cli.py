@@ -10,6 +10,8 @@ dataset.generate_demo`` and ``dataset.make_lists``, ``python -m benchmarks.<name
 * ``2`` (:data:`EXIT_USAGE`): a bad command line (argparse's own code): one line
   ``<script>: error: <message> (see --help)`` on stderr (:class:`ArgumentParser`).
 
+:func:`run_main` is such a ``main``, given the script's argument parser, its run and the errors that end a run.
+
 The ``parse_*`` functions and :func:`csv_choices` are argparse ``type=`` callables: text -> value, or
 ``argparse.ArgumentTypeError`` with a message that shows what was expected.
 """
@@ -17,7 +19,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple, Type
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -41,6 +43,17 @@ def report_failure(error: BaseException) -> int:
     ``<script>`` is named as argparse names it: the file name of ``sys.argv[0]``."""
     print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+def run_main(argv, parse_args: Callable, run: Callable, failures: Tuple[Type[BaseException], ...]) -> int:
+    """A script's ``main``: ``run(parse_args(argv))``, and its exit code. A bad command line exits with
+    :data:`EXIT_USAGE` (argparse); an exception of ``failures`` is reported in one line (:func:`report_failure`)."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except failures as error:
+        return report_failure(error)
+    return EXIT_OK
 
 
 def _integer(text: str, minimum: int) -> int:
@@ -109,10 +122,11 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 def parse_scales(text: str) -> List[float]:
     """``"0.75,1.0,1.25"`` -> ``[0.75, 1.0, 1.25]``; every scale > 0."""
+    expected = f"expected comma-separated numbers (e.g. 0.75,1.0,1.25), got {text!r}"
     try:
         scales = [float(value) for value in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 0.75,1.0,1.25), got {text!r}") from None
+        raise argparse.ArgumentTypeError(expected) from None
     if any(not scale > 0 for scale in scales):
         raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
     return scales

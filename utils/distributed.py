@@ -6,8 +6,10 @@ process group is created, so every helper below degrades to a no-op.
 """
 import argparse
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -83,6 +85,17 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None,
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+@contextmanager
+def process_group(use_cuda: bool | None = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for a ``with`` block, which leaves the process group when it ends (also on an
+    error): ``with process_group(use_cuda) as info: ...``."""
+    info = init_distributed(use_cuda=use_cuda)
+    try:
+        yield info
+    finally:
+        cleanup()
 
 
 def is_distributed() -> bool:
