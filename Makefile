@@ -34,15 +34,15 @@ demo: $(STAMP)
 
 # The criss-cross attention op against the reference and a non-local block.
 benchmark: $(STAMP)
-	$(PY) -m cc_attention.benchmark
+	$(PY) -m benchmarks.cc_attention_op
 
 # Parameters, GFLOPs and training-step memory of CCNet vs a non-local head and no attention.
 report: $(STAMP)
-	$(PY) -m networks.report
+	$(PY) -m benchmarks.model_report
 
 # One training step of CCNet-R101 at 769x769, batch 2: fp32 vs bf16, BatchNorm vs InPlaceABN.
 benchmark-train: $(STAMP)
-	$(PY) benchmark_train.py
+	$(PY) -m benchmarks.train_step
 
 clean:
 	rm -rf build .pytest_cache

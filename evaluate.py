@@ -17,7 +17,6 @@ class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if gi
 ``DIR/labelIds/<image file name>`` (single channel, Cityscapes label ids, full resolution: the format of
 cityscapesScripts' evaluation and of the test server). Lists without labels (test.lst) are predicted, not scored.
 """
-import argparse
 import os
 import sys
 import time
@@ -29,99 +28,28 @@ from tqdm import tqdm
 
 from dataset.cityscapes import CityscapesDataset, DataError
 from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
-from networks import BACKBONES, HEADS, build_model
-from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from utils.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,
-                               too_many_gpus_message)
-from utils.cli import parse_size
-from utils.inference import predict_logits, save_label_ids_png, save_paletted_png
+from dataset.predictions import save_label_ids_png, save_paletted_png
+from engine.snapshot import add_inference_arguments, add_model_arguments, build_and_load
+from utils.checkpoint import CheckpointError
+from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main
+from utils.distributed import all_reduce_sum, apply_gpu_choice, barrier, is_main_process, process_group, shard
+from utils.inference import predict_logits
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _scales(text: str):
-    try:
-        scales = [float(value) for value in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 0.75,1.0,1.25), got {text!r}") from None
-    if any(scale <= 0 for scale in scales):
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
-    return scales
-
-
-# The model flags' values when neither the command line nor the snapshot's saved ``args`` give them.
-MODEL_DEFAULTS = {"model": "ccnet", "backbone": "resnet101", "recurrence": 2, "num_classes": NUM_CLASSES}
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--restore-from --model --backbone --recurrence --num-classes --gpu`` (shared with predict.py and
-    visualize_attention.py). The model flags default to None: :func:`resolve_model_args` fills them in."""
-    parser.add_argument("--restore-from", required=True, help="snapshot: ours (train.py) or an original release")
-    from_snapshot = "default: the snapshot's (train.py saves its args), else {}"
-    parser.add_argument("--model", default=None, choices=HEADS,
-                        help="context head; " + from_snapshot.format(MODEL_DEFAULTS["model"]))
-    parser.add_argument("--backbone", default=None, choices=tuple(BACKBONES),
-                        help="backbone; " + from_snapshot.format(MODEL_DEFAULTS["backbone"]))
-    parser.add_argument("--recurrence", type=_non_negative, default=None,
-                        help="R, criss-cross attention loops; " + from_snapshot.format(MODEL_DEFAULTS["recurrence"]))
-    parser.add_argument("--num-classes", type=_positive, default=None,
-                        help="classes the model predicts; " + from_snapshot.format(MODEL_DEFAULTS["num_classes"]))
-    parser.add_argument("--gpu", default=None,
-                        help="GPU ids to use, e.g. '0' (sets CUDA_VISIBLE_DEVICES; one per process: '0,1' needs "
-                             "torchrun --nproc_per_node=2); 'cpu' for the CPU; default: the visible GPUs, else the CPU")
-
-
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--input-size --whole --scales --flip`` (shared with predict.py)."""
-    parser.add_argument("--input-size", type=parse_size, default=(769, 769), help="sliding-window tile 'H,W'")
-    parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
-    parser.add_argument("--scales", type=_scales, default=[1.0], help="image scales to average, e.g. 0.75,1.0,1.25")
-    parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
-
-
-def apply_gpu_choice(gpu: Optional[str]) -> bool:
-    """Honour ``--gpu`` (before CUDA is first used); returns whether to compute on CUDA.
-
-    Raises ValueError when ``gpu`` names more GPUs than there are processes (each process uses one GPU)."""
-    message = too_many_gpus_message(gpu)
-    if message:
-        raise ValueError(message)
-    if gpu is not None and gpu != "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    return gpu != "cpu" and torch.cuda.is_available()
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv: Optional[Sequence[str]] = None):
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="cityscapes", help="Cityscapes root (holds leftImg8bit/, gtFine/)")
     parser.add_argument("--data-list", default="dataset/list/cityscapes/val.lst",
                         help="list file, '<image>\\t<label>' lines (or '<image>' only: predict without scoring)")
     add_model_arguments(parser)
     add_inference_arguments(parser)
-    parser.add_argument("--batch-size", type=_positive, default=1, help="images per forward pass (same-size images)")
-    parser.add_argument("--num-workers", type=_non_negative, default=2, help="data loading processes per process")
+    parser.add_argument("--batch-size", type=parse_positive_int, default=1,
+                        help="images per forward pass (same-size images)")
+    parser.add_argument("--num-workers", type=parse_non_negative_int, default=2,
+                        help="data loading processes per process")
     parser.add_argument("--save-pred", default=None, metavar="DIR", help="write the predictions as PNGs to DIR")
     return parser.parse_args(argv)
-
-
-def shard(length: int, rank: int, world_size: int) -> range:
-    """The contiguous share of ``range(length)`` that process ``rank`` of ``world_size`` evaluates: the shares
-    cover every index exactly once (no padding, unlike ``DistributedSampler``)."""
-    return range(rank * length // world_size, (rank + 1) * length // world_size)
 
 
 def collate(batch):
@@ -133,45 +61,6 @@ def collate(batch):
         raise DataError(f"some images have labels and some not ({', '.join(names)}): use one kind of list line")
     stacked_labels = None if labels[0] is None else torch.stack(labels)
     return torch.stack(images), stacked_labels, list(names)
-
-
-def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
-    """Fill in ``args.model / backbone / recurrence / num_classes`` left None on the command line: from the
-    snapshot's saved ``args`` (ours), else :data:`MODEL_DEFAULTS` (original releases: raw state dicts). A flag
-    given explicitly wins; if it differs from the snapshot's, one warning line is printed (when ``verbose``)."""
-    saved = checkpoint.get("args")
-    saved = saved if isinstance(saved, dict) else {}
-    for name, default in MODEL_DEFAULTS.items():
-        given, stored = getattr(args, name), saved.get(name)
-        if given is None:
-            setattr(args, name, default if stored is None else stored)
-        elif stored is not None and given != stored and verbose:
-            print(f"warning: --{name.replace('_', '-')} {given} differs from the snapshot's {stored} "
-                  f"({args.restore_from})", file=sys.stderr)
-
-
-def load_snapshot(args, verbose: bool = True) -> dict:
-    """Read ``args.restore_from`` (once) and resolve the model flags from it; returns the checkpoint."""
-    checkpoint = load_checkpoint(args.restore_from)
-    resolve_model_args(args, checkpoint, verbose)
-    return checkpoint
-
-
-def build_and_load(args, device: torch.device, verbose: bool = True,
-                   checkpoint: Optional[dict] = None) -> torch.nn.Module:
-    """The model of ``args`` with all the snapshot's weights (backbone-only ImageNet weights are refused), in eval
-    mode on ``device``. ``checkpoint``: the one :func:`load_snapshot` returned (read here if None).
-
-    Batch norm: every kind computes the same function in eval mode, so plain BatchNorm2d is used.
-    """
-    if checkpoint is None:
-        checkpoint = load_snapshot(args, verbose)
-    model = build_model(args.model, backbone=args.backbone, num_classes=args.num_classes,
-                        recurrence=args.recurrence, norm="bn")
-    report = load_model_weights(model, checkpoint, backbone_only=False, name=args.restore_from)
-    if verbose:
-        print(report.summary())
-    return model.to(device).eval()
 
 
 def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, show_progress: bool = True):
@@ -201,14 +90,16 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     return conf
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    info = init_distributed(use_cuda=apply_gpu_choice(args.gpu))
-    try:
+def run(args) -> None:
+    """Evaluate as ``args`` (from :func:`parse_args`) say: print the scores, write result.json and predictions.
+
+    Joins the process group that torchrun describes (if any) and leaves it at the end."""
+    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info:
         dataset = CityscapesDataset(args.data_dir, args.data_list, training=False)
         labelled = dataset.entries[0].label_path is not None
         if not labelled and not args.save_pred:
-            raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write predictions")
+            raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write "
+                            "predictions")
         model = build_and_load(args, info.device, verbose=is_main_process())
         start = time.time()
         conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
@@ -224,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
             if conf is not None:
                 scores = scores_from_confusion(conf)
-                class_names = CLASS_NAMES if args.num_classes == NUM_CLASSES else [str(k) for k in range(args.num_classes)]
+                class_names = (CLASS_NAMES if args.num_classes == NUM_CLASSES
+                               else [str(k) for k in range(args.num_classes)])
                 print(format_scores_table(scores, class_names))
                 result_dir = args.save_pred or os.path.dirname(os.path.abspath(args.restore_from))
                 result_path = os.path.join(result_dir, "result.json")
@@ -234,13 +126,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence,
                 })
                 print(f"result: {result_path}")
-    finally:
-        cleanup()
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done, 1 the evaluation failed (one line on stderr), 2 bad command line."""
+    return run_main(argv, parse_args, run, (CheckpointError, DataError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, DataError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"evaluate.py: error: {error}")
+    sys.exit(main())

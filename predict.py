@@ -12,7 +12,6 @@ JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<s
 Inference is evaluate.py's (sliding window of ``--input-size`` tiles by default, ``--whole``, ``--scales``,
 ``--flip``).
 """
-import argparse
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -20,10 +19,13 @@ from typing import List, Optional, Sequence
 import cv2
 import torch
 
+from dataset.predictions import overlay, save_paletted_png
 from dataset.transforms import image_to_tensor
-from evaluate import add_inference_arguments, add_model_arguments, apply_gpu_choice, build_and_load
+from engine.snapshot import add_inference_arguments, add_model_arguments, build_and_load
 from utils.checkpoint import CheckpointError
-from utils.inference import overlay, predict_logits, save_paletted_png
+from utils.cli import ArgumentParser, parse_fraction, run_main
+from utils.distributed import apply_gpu_choice
+from utils.inference import predict_logits
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -51,19 +53,18 @@ def find_images(inputs: Sequence[str]) -> List[str]:
     return images
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv: Optional[Sequence[str]] = None):
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--output", default="predictions", help="folder for the predictions and overlays")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in the overlays")
+    parser.add_argument("--alpha", type=parse_fraction, default=0.5, help="opacity of the colours in the overlays")
     add_model_arguments(parser)
     add_inference_arguments(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def run(args) -> None:
+    """Segment the images ``args`` (from :func:`parse_args`) name; write the predictions and overlays."""
     images = find_images(args.inputs)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
     model = build_and_load(args, device)
@@ -80,11 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cv2.imwrite(os.path.join(args.output, stem + "_overlay.jpg"), overlay(image, train_ids, args.alpha))
         print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {os.path.join(args.output, stem)}.png, _overlay.jpg")
     print(f"{len(images)} image(s) segmented into {os.path.abspath(args.output)}")
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done, 1 the run failed (one line on stderr), 2 bad command line."""
+    return run_main(argv, parse_args, run, (CheckpointError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"predict.py: error: {error}")
+    sys.exit(main())

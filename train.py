@@ -8,30 +8,29 @@ momentum 0.9, weight decay 1e-4, poly 0.9, 60000 iterations, R=2. Snapshots ``CS
 ``--snapshot-dir`` every ``--save-pred-every`` iterations and at the end; ``--resume`` continues one exactly
 (same batches, same random draws). Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes.
 """
-import argparse
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dataset.cityscapes import CityscapesDataset, DataError, worker_init_fn
 from dataset.sampler import ResumableDistributedSampler
+from engine.train_step import AMP_DTYPES, forward_loss, optimizer_step
 from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
-from utils.cli import parse_size
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
-from utils.distributed import (all_reduce_sum, barrier, cleanup, init_distributed, is_main_process,
-                               too_many_gpus_message)
+from utils.cli import (ArgumentParser, parse_bool, parse_fraction, parse_non_negative_int, parse_positive_int,
+                       parse_size, run_main)
+from utils.distributed import (DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, barrier,
+                               is_main_process, process_group)
 from utils.logger import TrainingLogger
 from utils.loss import CriterionDSN
+from utils.rng import gather_rng_states, seed_all, set_rng_state
 from utils.schedule import poly_lr, set_lr
 
 SNAPSHOT_PATTERN = "CS_scenes_{}.pth"
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Flags whose change makes a resumed run differ from the uninterrupted one (warned about on --resume).
 RUN_DEFINING_FLAGS = ("data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
                       "power", "num_steps", "recurrence", "ohem", "ohem_thres", "ohem_keep", "random_mirror",
@@ -42,16 +41,8 @@ class TrainingError(RuntimeError):
     """A condition that stops training with a one-line message (bad flag, non-finite loss)."""
 
 
-def _bool01(text: str) -> bool:
-    values = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-    if text.lower() not in values:
-        raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {text!r}")
-    return values[text.lower()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="cityscapes",
                       help="Cityscapes folder (holds leftImg8bit/ and gtFine/); list paths are relative to it")
@@ -62,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--random-mirror", action="store_true", help="flip images horizontally with p = 0.5")
     data.add_argument("--random-scale", action="store_true",
                       help="rescale images by a random factor in {0.7, 0.8, ..., 2.1} before cropping")
-    data.add_argument("--num-workers", type=int, default=8, help="data-loading processes per training process")
-    data.add_argument("--num-classes", type=int, default=19, help="number of classes the network predicts")
+    data.add_argument("--num-workers", type=parse_non_negative_int, default=8, help="data-loading processes per training process")
+    data.add_argument("--num-classes", type=parse_positive_int, default=19, help="number of classes the network predicts")
     data.add_argument("--ignore-label", type=int, default=255,
                       help="label value of the void pixels (unevaluated classes, padding), excluded from the loss; "
                            "any integer outside 0..num-classes-1")
@@ -73,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context head: RCCA (ccnet), one non-local block, or none (baseline)")
     model.add_argument("--backbone", choices=tuple(BACKBONES), default="resnet101",
                        help="backbone; 'tiny' is a small variant for CPU tests and the demo")
-    model.add_argument("--recurrence", type=int, default=2, help="R, the number of criss-cross attention loops")
+    model.add_argument("--recurrence", type=parse_non_negative_int, default=2, help="R, the number of criss-cross attention loops")
     model.add_argument("--norm", choices=NORM_KINDS, default="auto",
                        help="normalization: auto = InPlaceABN if the inplace_abn package imports, else BatchNorm; "
                             "synchronized across GPU processes (on the CPU there is no synchronized kind: auto "
@@ -83,30 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
                             "with a warning; '' to skip silently)")
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--batch-size", type=int, default=8,
+    optim.add_argument("--batch-size", type=parse_positive_int, default=8,
                        help="GLOBAL batch size, split evenly over the processes (8 = 2 per GPU on 4 GPUs)")
     optim.add_argument("--learning-rate", type=float, default=1e-2, help="base learning rate of the poly schedule")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (on every parameter)")
     optim.add_argument("--power", type=float, default=0.9, help="poly schedule: lr = base * (1 - it/max) ** power")
-    optim.add_argument("--num-steps", type=int, default=60000, help="number of training iterations")
-    optim.add_argument("--ohem", type=_bool01, default=False, metavar="0|1",
+    optim.add_argument("--num-steps", type=parse_positive_int, default=60000, help="number of training iterations")
+    optim.add_argument("--ohem", type=parse_bool, default=False, metavar="0|1",
                        help="online hard example mining on the main head")
-    optim.add_argument("--ohem-thres", type=float, default=0.7,
+    optim.add_argument("--ohem-thres", type=parse_fraction, default=0.7,
                        help="OHEM: keep pixels whose ground-truth probability is at most this (or the k-th smallest)")
-    optim.add_argument("--ohem-keep", type=int, default=100000, help="OHEM: k, the minimum number of pixels kept")
+    optim.add_argument("--ohem-keep", type=parse_non_negative_int, default=100000, help="OHEM: k, the minimum number of pixels kept")
     optim.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
                        help="mixed precision: bf16 autocast, or fp16 autocast with gradient scaling")
     optim.add_argument("--random-seed", type=int, default=1234,
                        help="seed of the initialization, the data order and the augmentations")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--gpu", default=None,
-                     help="GPUs this node may use, e.g. '0,1,2,3' (sets CUDA_VISIBLE_DEVICES; one per process: "
-                          "launch with torchrun --nproc_per_node=4); 'cpu' trains on the CPU; default: the visible "
-                          "GPUs, else the CPU")
+    add_gpu_argument(run)
     run.add_argument("--snapshot-dir", default="snapshots/", help="where CS_scenes_<iter>.pth snapshots are written")
-    run.add_argument("--save-pred-every", type=int, default=10000, help="write a snapshot every this many iterations")
+    run.add_argument("--save-pred-every", type=parse_positive_int, default=10000, help="write a snapshot every this many iterations")
     run.add_argument("--resume", default=None, metavar="SNAPSHOT",
                      help="continue exactly from one of our snapshots (weights, optimizer, iteration, RNG states)")
     run.add_argument("--log-dir", default=None,
@@ -114,56 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    positive = ("batch_size", "num_steps", "save_pred_every", "num_classes")
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if 0 <= args.ignore_label < args.num_classes:
         parser.error(f"--ignore-label {args.ignore_label} is a class id (0..{args.num_classes - 1}): pick a value "
                      "outside, e.g. 255 or -1")
-    if args.num_workers < 0 or args.recurrence < 0 or args.ohem_keep < 0:
-        parser.error("--num-workers, --recurrence and --ohem-keep must be >= 0")
     if args.log_dir is None:
         args.log_dir = os.path.join(args.snapshot_dir, "logs")
     return args
-
-
-# ----------------------------------------------------------------------------------------------- RNG states
-def _rng_state(device: torch.device) -> dict:
-    """This process's RNG states as tensors and plain Python types (loadable with weights_only=True)."""
-    numpy_state = np.random.get_state()
-    python_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
-                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
-        "python": {"version": python_state[0], "state": list(python_state[1]), "gauss_next": python_state[2]},
-    }
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss_next"]))
-
-
-def _gather_rng_states(device: torch.device, world_size: int) -> list:
-    """Every rank's RNG state, indexed by rank (a collective: all ranks must call it)."""
-    state = _rng_state(device)
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
 
 
 # ------------------------------------------------------------------------------------------------- the data
@@ -249,32 +196,15 @@ def _snapshot_state(model, optimizer, scaler, iteration: int, args, rng_states: 
 
 
 # ------------------------------------------------------------------------------------------------- training
-def forward_loss(network, criterion, images: torch.Tensor, labels: torch.Tensor, amp_dtype) -> torch.Tensor:
-    """The forward pass (under autocast when ``amp_dtype`` is set) and the loss (float32).
-
-    images (N, 3, H, W) preprocessed, labels (N, H, W) int64 train ids -> scalar loss.
-    """
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        preds = network(images)
-    return criterion(preds, labels)
-
-
-def optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
-    """Backward (scaled for fp16) and one SGD step."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
 def train(args) -> torch.nn.Module:
-    """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model."""
-    message = too_many_gpus_message(args.gpu)
-    if message:
-        raise TrainingError(message)
-    if args.gpu is not None and args.gpu != "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
-    info = init_distributed(use_cuda=args.gpu != "cpu" and torch.cuda.is_available())
+    """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model.
+
+    Joins the process group that torchrun describes (if any) and leaves it at the end."""
+    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info:
+        return _train(args, info)
+
+
+def _train(args, info: DistInfo) -> torch.nn.Module:
     rank, world_size, device = info.rank, info.world_size, info.device
     main_process = is_main_process()
     if args.batch_size % world_size:
@@ -306,16 +236,14 @@ def train(args) -> torch.nn.Module:
         _check_resumed_args(checkpoint.get("args", {}), args, log)
         rng = checkpoint["rng"]
         if rng["world_size"] == world_size:
-            _set_rng_state(rng["ranks"][rank], device)
+            set_rng_state(rng["ranks"][rank], device)
         else:
             log(f"warning: the snapshot was written by {rng['world_size']} processes, this run has {world_size}: "
                 "the data order and the random draws differ from an uninterrupted run")
             torch.manual_seed(args.random_seed + start_iteration + rank)
         log(f"resumed from {args.resume} at iteration {start_iteration}")
     else:
-        torch.manual_seed(args.random_seed + rank)  # dropout draws differ between ranks
-        random.seed(args.random_seed + rank)
-        np.random.seed(args.random_seed + rank)
+        seed_all(args.random_seed + rank)  # dropout draws differ between ranks
     if start_iteration >= args.num_steps:
         raise TrainingError(f"--resume {args.resume} is at iteration {start_iteration}, --num-steps is "
                             f"{args.num_steps}: nothing to do")
@@ -351,7 +279,7 @@ def train(args) -> torch.nn.Module:
             done = iteration + 1
             logger.log(done, loss=mean_loss, lr=lr)
             if done % args.save_pred_every == 0 or done == args.num_steps:
-                rng_states = _gather_rng_states(device, world_size)
+                rng_states = gather_rng_states(device, world_size)
                 path = os.path.join(args.snapshot_dir, SNAPSHOT_PATTERN.format(done))
                 if main_process:
                     save_checkpoint(_snapshot_state(model, optimizer, scaler, done, args, rng_states), path)
@@ -359,20 +287,14 @@ def train(args) -> torch.nn.Module:
                 last_snapshot = path
                 barrier()
     finally:
+        batches.close()  # shuts the data-loading workers down now, also when training stopped with an error
         logger.close()
     return model
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        train(args)
-        return 0
-    except (DataError, CheckpointError, TrainingError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
+    """Exit codes: 0 done, 1 training failed (one line on stderr), 2 bad command line."""
+    return run_main(argv, parse_args, train, (CheckpointError, DataError, FileNotFoundError, TrainingError, ValueError))
 
 
 if __name__ == "__main__":

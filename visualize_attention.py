@@ -16,7 +16,6 @@ Output (default: beside the image, ``<stem>_attention.png``): one row per ``--po
 and the prediction, then the map after each loop (R = 1, 2, ...), each divided by its maximum and shown on a
 square-root colour scale (so that the small two-hop weights far from the point stay visible).
 """
-import argparse
 import os
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -26,11 +25,13 @@ import numpy as np
 import torch
 
 from cc_attention.reference import ca_map_reference, ca_weight_reference
+from dataset.predictions import overlay
 from dataset.transforms import image_to_tensor
-from evaluate import add_model_arguments, apply_gpu_choice, build_and_load, load_snapshot
-from networks import upsample_logits
+from engine.snapshot import add_model_arguments, build_and_load, load_snapshot
 from utils.checkpoint import CheckpointError
-from utils.inference import overlay
+from utils.cli import ArgumentParser, parse_point, parse_positive_float, run_main
+from utils.distributed import apply_gpu_choice
+from utils.logits import upsample_logits
 
 
 def capture_attention(model, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -110,27 +111,16 @@ def render(image_bgr: np.ndarray, train_ids: np.ndarray, point: Tuple[int, int],
     return np.concatenate(panels, axis=1)
 
 
-def _point(text: str) -> Tuple[int, int]:
-    try:
-        y, x = (int(value) for value in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'y,x' pixel coordinates, got {text!r}") from None
-    return y, x
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv: Optional[Sequence[str]] = None):
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("image", help="image file (any size and common format)")
-    parser.add_argument("--point", type=_point, action="append", required=True,
+    parser.add_argument("--point", type=parse_point, action="append", required=True,
                         help="'y,x' pixel of the image (after --scale); repeat for several rows")
-    parser.add_argument("--scale", type=float, default=1.0, help="resize the image first (e.g. 0.5 on a CPU)")
+    parser.add_argument("--scale", type=parse_positive_float, default=1.0,
+                        help="resize the image first (e.g. 0.5 on a CPU)")
     parser.add_argument("--output", default=None, help="PNG to write (default: beside the image, <stem>_attention.png)")
     add_model_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.scale <= 0:
-        parser.error(f"--scale must be positive, got {args.scale}")
-    return args
+    return parser.parse_args(argv)
 
 
 def check_model_args(args) -> None:
@@ -142,8 +132,8 @@ def check_model_args(args) -> None:
         raise ValueError(f"--recurrence is {args.recurrence}: with R=0 there is no attention to show (use R >= 1)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def run(args) -> None:
+    """Draw the attention figure ``args`` (from :func:`parse_args`) describe."""
     image = cv2.imread(args.image, cv2.IMREAD_COLOR)
     if image is None:
         raise FileNotFoundError(f"cannot read image {args.image}")
@@ -167,11 +157,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     cv2.imwrite(output, np.concatenate(rows, axis=0))
     print(f"attention of {len(args.point)} point(s) after R = 1..{len(attentions)} loops: {output}")
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit codes: 0 done, 1 the run failed (one line on stderr), 2 bad command line."""
+    return run_main(argv, parse_args, run, (CheckpointError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"visualize_attention.py: error: {error}")
+    sys.exit(main())

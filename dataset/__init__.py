@@ -1,1 +1,1 @@
-"""Cityscapes data: the list files, the label table, transforms and a generated demo dataset."""
+"""Cityscapes data: the list files, the label table, transforms, prediction files and a generated demo dataset."""

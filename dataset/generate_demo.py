@@ -10,13 +10,15 @@ crowns), road (dark asphalt, dashed lane marks), cars (coloured bodies, dark win
 torso, legs), each class with its own colour, texture and shape, so a small network learns them in minutes;
 the bottom rows are an "ego vehicle" bonnet (label id 1, ignored in training). Same seed -> same files.
 """
-import argparse
 import os
 import sys
 
 import cv2
 import numpy as np
 
+from utils.cli import EXIT_OK, ArgumentParser, parse_non_negative_int
+
+MIN_SIZE = 32  # pixels, the smallest height and width a scene is drawn at
 # Cityscapes label ids (see dataset.labels): what the *_gtFine_labelIds.png files hold.
 EGO_VEHICLE, ROAD, BUILDING, VEGETATION, SKY, PERSON, CAR = 1, 7, 11, 21, 23, 24, 26
 CITY = "demoville"
@@ -175,8 +177,8 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
 def generate(out_dir: str, num_train: int = 24, num_val: int = 8, height: int = 128, width: int = 256,
              seed: int = 0) -> dict[str, str]:
     """Write the dataset; returns ``{"train": list path, "val": list path}``."""
-    if height < 32 or width < 32:
-        raise ValueError(f"--height/--width must be at least 32, got {height}x{width}")
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise ValueError(f"height and width must be at least {MIN_SIZE}, got {height}x{width}")
     lists = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         image_dir = os.path.join("leftImg8bit", split, CITY)
@@ -199,21 +201,23 @@ def generate(out_dir: str, num_train: int = 24, num_val: int = 8, height: int = 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Exit codes: 0 done, 2 bad command line."""
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (created if missing)")
-    parser.add_argument("--num-train", type=int, default=24, help="number of training scenes (default 24)")
-    parser.add_argument("--num-val", type=int, default=8, help="number of validation scenes (default 8)")
-    parser.add_argument("--height", type=int, default=128, help="image height in pixels (default 128)")
-    parser.add_argument("--width", type=int, default=256, help="image width in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files (default 0)")
+    parser.add_argument("--num-train", type=parse_non_negative_int, default=24, help="number of training scenes")
+    parser.add_argument("--num-val", type=parse_non_negative_int, default=8, help="number of validation scenes")
+    parser.add_argument("--height", type=parse_non_negative_int, default=128,
+                        help=f"image height in pixels, >= {MIN_SIZE}")
+    parser.add_argument("--width", type=parse_non_negative_int, default=256,
+                        help=f"image width in pixels, >= {MIN_SIZE}")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files")
     args = parser.parse_args(argv)
-    try:
-        lists = generate(args.out_dir, args.num_train, args.num_val, args.height, args.width, args.seed)
-    except ValueError as error:
-        parser.error(str(error))
+    if args.height < MIN_SIZE or args.width < MIN_SIZE:
+        parser.error(f"--height and --width must be >= {MIN_SIZE}, got {args.height}x{args.width}")
+    lists = generate(args.out_dir, args.num_train, args.num_val, args.height, args.width, args.seed)
     print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out_dir}: {lists['train']}, "
           f"{lists['val']}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

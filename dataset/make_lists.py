@@ -8,10 +8,11 @@ CS_ROOT holds ``leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png`` and
 ``<image>``, paths relative to CS_ROOT, sorted. A split whose images are absent is skipped with a warning; an image
 of train/val without its label is an error.
 """
-import argparse
 import glob
 import os
 import sys
+
+from utils.cli import EXIT_OK, ArgumentParser, report_failure
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -58,19 +59,18 @@ def make_lists(root: str, out_dir: str = DEFAULT_OUT_DIR) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Exit codes: 0 done, 1 not a Cityscapes folder or a label missing (one line on stderr), 2 bad command line."""
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("root", help="Cityscapes folder holding leftImg8bit/ and gtFine/")
-    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
-                        help="where to write the .lst files (default: dataset/list/cityscapes)")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where to write the .lst files")
     args = parser.parse_args(argv)
     try:
         written = make_lists(args.root, args.out_dir)
     except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report_failure(error)
     for name, count in written.items():
         print(f"{os.path.join(args.out_dir, name + '.lst')}: {count} lines")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

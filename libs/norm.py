@@ -19,11 +19,10 @@ make weights negative, and a plain ``nn.BatchNorm2d`` would read such a checkpoi
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _sync_batch_norm
-
-from utils.distributed import get_world_size, is_distributed
 
 NORM_KINDS = ("auto", "bn", "syncbn", "inplace_abn", "inplace_abn_sync")
 ACTIVATIONS = ("identity", "leaky_relu")
@@ -39,6 +38,13 @@ def inplace_abn_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _process_group_size(group=None) -> int:
+    """Processes in ``group`` (default: all) of ``torch.distributed``; 1 when no process group is initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
 
 
 def _check_activation(activation: str) -> None:
@@ -101,15 +107,13 @@ class SyncBatchNormAct(_Activated, nn.SyncBatchNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        world_size = 1
-        if self.training and is_distributed():  # the group exists only then
-            group = self.process_group or torch.distributed.group.WORLD
-            world_size = torch.distributed.get_world_size(group)
+        world_size = _process_group_size(self.process_group) if self.training else 1
         if world_size == 1:
             return _activate(_local_batch_norm(self, x), self.activation)
         if x.device.type != "cuda":
             raise ValueError(f"norm='syncbn' synchronizes CUDA tensors only, got a {x.device.type} input; "
                              "use norm='bn' for several CPU processes")
+        group = self.process_group or dist.group.WORLD
         self.num_batches_tracked.add_(1)
         # The autograd function nn.SyncBatchNorm itself runs (it also updates the running statistics).
         x = _sync_batch_norm.apply(
@@ -124,7 +128,7 @@ def resolve_norm_kind(kind: str) -> str:
         raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
     if kind != "auto":
         return kind
-    synchronized = get_world_size() > 1
+    synchronized = _process_group_size() > 1
     if inplace_abn_available():
         return "inplace_abn_sync" if synchronized else "inplace_abn"
     return "syncbn" if synchronized else "bn"

@@ -1,6 +1,6 @@
 """CCNet: dilated ResNet backbone, RCCA / non-local / plain context heads, DSN head, and ``build_model``."""
 from .heads import ContextHead, DSNHead, NonLocalBlock, NonLocalHead, RCCAHead
-from .model import HEADS, SegmentationNet, build_model, upsample_logits
+from .model import HEADS, CheckpointKeys, SegmentationNet, build_model
 from .resnet import BACKBONES, BackboneSpec, Bottleneck, DilatedResNet
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "HEADS",
     "BackboneSpec",
     "Bottleneck",
+    "CheckpointKeys",
     "ContextHead",
     "DSNHead",
     "DilatedResNet",
@@ -16,5 +17,4 @@ __all__ = [
     "RCCAHead",
     "SegmentationNet",
     "build_model",
-    "upsample_logits",
 ]

@@ -1,8 +1,8 @@
 """The whole network and its builder: dilated ResNet + context head (RCCA by default) + auxiliary DSN head."""
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from libs.norm import NormFactory, make_norm
@@ -13,6 +13,22 @@ from .resnet import BACKBONES, BackboneSpec, DilatedResNet
 HEADS = ("ccnet", "nonlocal", "baseline")
 
 
+@dataclass(frozen=True)
+class CheckpointKeys:
+    """What the keys of a checkpoint of this network mean, for ``utils.checkpoint`` (the model describes its own
+    weights: timm's ``pretrained_cfg`` habit).
+
+    Attributes:
+        head_prefixes: the heads' keys; weights without any of them are backbone-only (ImageNet) weights.
+        classifiers: the modules whose ``weight`` / ``bias`` have one row per class.
+        imagenet_classifier: the prefix of the ImageNet classifier, in backbone weights but not in the network.
+    """
+
+    head_prefixes: Tuple[str, ...]
+    classifiers: Tuple[str, ...]
+    imagenet_classifier: str
+
+
 class SegmentationNet(DilatedResNet):
     """Backbone modules at the top level (as in the original, so keys read ``layer4.2.conv3.weight``), plus
     ``head`` on layer4 and ``dsn`` on layer3.
@@ -21,6 +37,9 @@ class SegmentationNet(DilatedResNet):
     ``(N, num_classes, h, w)`` at output stride 8: ``h = ((H - 1) // 2 + 1) // 2 // 2 + 1`` (stride-2 conv,
     ceil-mode max-pool, stride-2 conv): 769 -> 97, 1024 -> 129, 2048 -> 257.
     """
+
+    checkpoint_keys = CheckpointKeys(head_prefixes=("head.", "dsn."), classifiers=("head.bottleneck.3", "dsn.3"),
+                                     imagenet_classifier="fc.")
 
     def __init__(self, spec: BackboneSpec, head: nn.Module, num_classes: int, norm: NormFactory, multi_grid=(1, 1, 1)):
         super().__init__(spec, norm, multi_grid)
@@ -69,10 +88,3 @@ def build_model(
         head = ContextHead(*head_args)
     return SegmentationNet(spec, head, num_classes, norm_layer, multi_grid)
 
-
-def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear upsampling with ``align_corners=True`` (the original's): ``(N, K, h, w) -> (N, K, *size)``.
-
-    The ONE place where logits are resized: the loss, evaluation and inference all call it.
-    """
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)

@@ -3,8 +3,9 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
-from networks import build_model
+from networks import CheckpointKeys, build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 
 
@@ -146,10 +147,38 @@ def test_unreadable_files_name_the_file(tmp_path):
         load_model_weights(fresh_model(), odd)
 
 
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("Unpicklable objects cannot be saved")
+
+
 def test_failed_save_keeps_the_previous_file(tmp_path):
     path = tmp_path / "snapshot.pth"
     save_checkpoint({"iteration": 1}, path)
-    with pytest.raises(Exception):
-        save_checkpoint({"iteration": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
+    with pytest.raises(TypeError, match="Unpicklable objects cannot be saved"):
+        save_checkpoint({"iteration": 2, "bad": Unpicklable()}, path)
     assert load_checkpoint(path) == {"iteration": 1}
     assert os.listdir(tmp_path) == ["snapshot.pth"]
+
+
+class TwoPartNet(nn.Module):
+    """A network other than CCNet, with its own key layout: ``body.*``, and the head ``classifier.*``."""
+
+    checkpoint_keys = CheckpointKeys(head_prefixes=("classifier.",), classifiers=("classifier",),
+                                     imagenet_classifier="imagenet_fc.")
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 1)
+        self.classifier = nn.Conv2d(4, num_classes, 1)
+
+
+def test_the_loader_reads_the_key_layout_from_the_model():
+    source = TwoPartNet(num_classes=3)
+    backbone = {"body.weight": source.body.weight, "body.bias": source.body.bias,
+                "imagenet_fc.weight": torch.zeros(10, 4)}
+    report = load_model_weights(TwoPartNet(num_classes=3), backbone)
+    assert report.backbone_only and report.skipped == ["imagenet_fc.weight"]
+    assert report.not_loaded == ["classifier.weight", "classifier.bias"]
+    with pytest.raises(CheckpointError, match="num_classes=3, the model 5"):
+        load_model_weights(TwoPartNet(num_classes=5), source.state_dict())

@@ -19,10 +19,10 @@ HEIGHT, WIDTH = 48, 96
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    lists = generate(str(root), num_train=4, num_val=2, height=HEIGHT, width=WIDTH, seed=3)
-    return str(root), lists
+def demo(demo_data):
+    """``(data dir, {"train": list, "val": list})`` of 4 + 2 generated scenes, as ``generate`` returns them."""
+    data = demo_data(num_train=4, num_val=2, height=HEIGHT, width=WIDTH, seed=3)
+    return data.root, {"train": data.train_list, "val": data.val_list}
 
 
 def _copy(demo, tmp_path):
@@ -127,10 +127,11 @@ def test_unreadable_image_and_size_mismatch_through_worker_processes(demo, tmp_p
     cv2.imwrite(entries[2].label_path, np.zeros((10, 10), np.uint8))
     dataset = CityscapesDataset(str(root), str(root / "train.lst"), crop_size=(32, 32))
     for index, expected in ((1, "line 2: cannot read image"), (2, "line 3: label .* is 10x10 but its image is 48x96")):
-        loader = DataLoader(torch.utils.data.Subset(dataset, [index]), batch_size=1, num_workers=1)
+        batches = iter(DataLoader(torch.utils.data.Subset(dataset, [index]), batch_size=1, num_workers=1))
         with pytest.raises(DataError, match=expected) as error:
-            next(iter(loader))
+            next(batches)
         assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+        assert next(batches, None) is None  # the one sample is done: the loader stops and shuts its worker down
 
 
 def test_generator_is_deterministic_and_uses_real_label_ids(demo, tmp_path):

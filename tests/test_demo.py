@@ -4,13 +4,14 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
 
 
-def test_demo_generates_trains_evaluates_and_prints_the_table(tmp_path):
+@pytest.mark.slow
+def test_demo_generates_trains_evaluates_and_prints_the_table(tmp_path, repo_root):
     env = dict(os.environ, PYTHON=sys.executable, DEMO_DATA=str(tmp_path / "data"), DEMO_RUN=str(tmp_path / "run"), DEMO_TRAIN="4",
                DEMO_VAL="2", DEMO_HEIGHT="64", DEMO_WIDTH="128", DEMO_CROP="64,128", DEMO_BS="2", DEMO_STEPS="3")
-    done = subprocess.run([os.path.join(REPO, "run_local.sh")], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(repo_root / "run_local.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "mean IoU" in done.stdout and "pixel accuracy" in done.stdout
     predictions = tmp_path / "run" / "predictions"
@@ -22,16 +23,15 @@ def test_demo_generates_trains_evaluates_and_prints_the_table(tmp_path):
     assert result["num_images"] == 2 and result["recurrence"] == 2
 
 
-def test_the_cityscapes_recipe_runs_train_then_evaluate_under_torchrun(tmp_path):
+@pytest.mark.slow
+def test_the_cityscapes_recipe_runs_train_then_evaluate_under_torchrun(tmp_path, repo_root, demo_data):
     """`./run_local.sh CS_PATH` on a generated dataset, 2 CPU processes, 2 steps: the whole chain works."""
-    from dataset.generate_demo import generate
-
-    lists = generate(str(tmp_path / "cs"), num_train=4, num_val=3, height=64, width=128)
+    data = demo_data(num_train=4, num_val=3, height=64, width=128)
     env = dict(os.environ, PYTHON=sys.executable, GPU_IDS="cpu", NPROC="2", STEPS="2", BS="2", INPUT_SIZE="48",
-               BACKBONE="tiny", RESTORE_FROM="", NUM_WORKERS="0", TRAIN_LIST=lists["train"], VAL_LIST=lists["val"],
+               BACKBONE="tiny", RESTORE_FROM="", NUM_WORKERS="0", TRAIN_LIST=data.train_list, VAL_LIST=data.val_list,
                SNAPSHOT_DIR=str(tmp_path / "snapshots"))
-    done = subprocess.run([os.path.join(REPO, "run_local.sh"), str(tmp_path / "cs")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([str(repo_root / "run_local.sh"), data.root], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "--ohem 1 --ohem-thres 0.7 --ohem-keep 100000" in done.stderr  # the original's settings, traced by set -x
     assert "--recurrence 2" in done.stderr and "--random-mirror --random-scale" in done.stderr

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from networks import upsample_logits
 from utils.inference import predict_logits, predict_sliding, predict_whole, tile_starts
+from utils.logits import upsample_logits
 
 NUM_CLASSES = 5
 
@@ -58,6 +58,14 @@ def test_tile_starts_match_the_original_layout():
     assert tile_starts(1024, 769) == [0, 255]  # 2 rows
     assert tile_starts(769, 769) == [0]
     assert tile_starts(100, 769) == [0]  # smaller than a tile: one padded tile
+
+
+def test_upsample_logits_is_bilinear_align_corners():
+    logits = torch.arange(4.0).view(1, 1, 2, 2)
+    up = upsample_logits(logits, (3, 5))
+    assert up.shape == (1, 1, 3, 5)
+    torch.testing.assert_close(up[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]], torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    torch.testing.assert_close(up[0, 0, 1, 2], torch.tensor(1.5))
 
 
 def test_sliding_equals_whole_when_one_tile_covers_the_image():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks import upsample_logits
+from utils.logits import upsample_logits
 from utils.loss import CriterionDSN, OhemCrossEntropy, cross_entropy, ohem_target
 from utils.schedule import poly_lr, set_lr
 

@@ -4,8 +4,7 @@ import torch
 
 from cc_attention import CrissCrossAttention
 from libs.norm import inplace_abn_available
-from networks import BACKBONES, NonLocalBlock, build_model, upsample_logits
-from test_norm import require_inplace_abn
+from networks import BACKBONES, NonLocalBlock, build_model
 
 
 def output_size(size: int) -> int:
@@ -13,10 +12,6 @@ def output_size(size: int) -> int:
     after_conv1 = (size - 1) // 2 + 1
     after_pool = after_conv1 // 2 + 1
     return (after_pool - 1) // 2 + 1
-
-
-def test_output_size_examples():
-    assert [output_size(s) for s in (769, 1024, 2048, 513, 129)] == [97, 129, 257, 65, 17]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +27,11 @@ def meta_resnet101():
         return build_model(norm="bn")
 
 
-@pytest.mark.parametrize("size", [(769, 769), (129, 129), (97, 131), (65, 33), (1024, 2048)])
-def test_resnet101_output_shapes_on_meta(meta_resnet101, size):
+@pytest.mark.parametrize("size, logits_size", [((769, 769), (97, 97)), ((129, 129), (17, 17)), ((97, 131), (13, 17)),
+                                               ((65, 33), (9, 5)), ((1024, 2048), (129, 257))])
+def test_resnet101_output_shapes_on_meta(meta_resnet101, size, logits_size):
     main, aux = meta_resnet101(torch.empty(2, 3, *size, device="meta"))
-    expected = (2, 19, output_size(size[0]), output_size(size[1]))
-    assert main.shape == expected and aux.shape == expected
+    assert main.shape == aux.shape == (2, 19, *logits_size)
 
 
 def test_output_stride_formula_covers_many_sizes():
@@ -126,9 +121,9 @@ def test_gradients_reach_gamma_and_attention_convolutions():
     assert model.conv1.weight.grad.abs().sum().item() > 0  # the whole backbone is trained
 
 
+@pytest.mark.extra("inplace_abn")
 def test_inplace_abn_model_matches_bn_model_in_training():
     """Same weights, train mode (same dropout masks): same logits and gradients with either norm."""
-    require_inplace_abn()
     torch.manual_seed(0)
     bn = build_model(backbone="tiny", norm="bn").train()
     iabn = build_model(backbone="tiny", norm="inplace_abn").train()
@@ -210,9 +205,6 @@ def test_resnet101_state_dict_matches_the_original_names_and_shapes(meta_resnet1
     expected = expected_resnet101_keys()
     assert set(got) - set(expected) == set() and set(expected) - set(got) == set()
     assert got == expected
-    for key in ("layer4.2.conv3.weight", "head.conva.1.running_mean", "head.bottleneck.3.bias", "dsn.0.weight",
-                "layer3.22.bn3.running_var", "layer1.0.downsample.1.weight"):
-        assert key in got
     # Dilations of the original: layer3 2, layer4 4 (multi_grid (1, 1, 1)), strides only in the stem and layer2.
     assert model.layer3[0].conv2.dilation == (2, 2) and model.layer4[2].conv2.dilation == (4, 4)
     assert model.layer2[0].conv2.stride == (2, 2) and model.layer3[0].conv2.stride == (1, 1)
@@ -235,30 +227,3 @@ def test_build_model_rejects_bad_arguments():
         build_model(backbone="tiny", recurrence=-1)
     with pytest.raises(ValueError, match="norm"):
         build_model(backbone="tiny", norm="layernorm")
-
-
-def test_upsample_logits_is_bilinear_align_corners():
-    logits = torch.arange(4.0).view(1, 1, 2, 2)
-    up = upsample_logits(logits, (3, 5))
-    assert up.shape == (1, 1, 3, 5)
-    torch.testing.assert_close(up[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]], torch.tensor([0.0, 1.0, 2.0, 3.0]))
-    torch.testing.assert_close(up[0, 0, 1, 2], torch.tensor(1.5))
-
-
-def test_report_counts_the_attention_flops_exactly():
-    """networks.report counts the 1x1 projections and both einsum products of every recurrence loop."""
-    from networks.report import count_gflops
-
-    channels, (height, width) = BACKBONES["tiny"].head_width, (output_size(129), output_size(161))
-    pixels = height * width
-    macs_per_loop = (
-        pixels * channels * (channels // 8) * 2  # query and key projections
-        + pixels * channels * channels  # value projection
-        + pixels * (height + width) * (channels // 8)  # energies (row and full column, self masked afterwards)
-        + pixels * (height + width) * channels  # aggregation
-    )
-    for recurrence in (1, 2):
-        counted = count_gflops("ccnet", "tiny", recurrence, (129, 161))
-        assert counted["attention"] * 1e9 == pytest.approx(2 * macs_per_loop * recurrence, rel=1e-9)
-        assert counted["attention"] < counted["head"] < counted["total"]
-    assert count_gflops("baseline", "tiny", 0, (129, 161))["attention"] == 0

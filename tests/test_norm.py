@@ -7,15 +7,6 @@ import torch
 from libs.norm import BatchNormAct, SyncBatchNormAct, inplace_abn_available, make_norm, resolve_norm_kind
 
 
-def require_inplace_abn():
-    """Skip without the optional package, except in CI (which installs it): there a skip would hide a failure."""
-    if inplace_abn_available():
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("CI=true but inplace_abn does not import: the optional extra must be installed in CI")
-    pytest.skip("the optional inplace_abn package is not installed (`make inplace-abn`)")
-
-
 def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give the affine parameters and running statistics non-trivial values."""
     generator = torch.Generator().manual_seed(seed)
@@ -64,9 +55,9 @@ def test_all_kinds_share_state_dict_keys():
     assert all(value == keys["bn"] for value in keys.values()), keys
 
 
+@pytest.mark.extra("inplace_abn")
 @pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
 def test_bn_fallback_matches_inplace_abn(activation):
-    require_inplace_abn()
     reference = randomized(make_norm("inplace_abn")(6, activation=activation))
     fallback = BatchNormAct(6, activation=activation)
     fallback.load_state_dict(reference.state_dict())
@@ -105,6 +96,7 @@ def _synchronized_step(rank: int, world_size: int, port: int, inputs, upstream, 
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
 def test_syncbn_matches_bn_on_the_whole_batch():
     inputs, upstream = torch.randn(4, 6, 9, 11) * 2 + 1, torch.randn(4, 6, 9, 11)

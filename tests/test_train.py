@@ -1,27 +1,29 @@
 """train.py in-process on the generated dataset with the tiny backbone: learning, exact resume, errors."""
 import csv
+import os
 
 import pytest
 import torch
 
 import train
-from dataset.generate_demo import generate
 from utils.checkpoint import load_checkpoint
+from utils.cli import EXIT_USAGE
+from utils.distributed import apply_gpu_choice
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    lists = generate(str(root), num_train=6, num_val=1, height=64, width=128, seed=0)
-    return str(root), lists["train"]
+def demo(demo_data):
+    return demo_data(num_train=6, num_val=1, height=64, width=128, seed=0)
+
+
+def argv_for(demo, snapshot_dir, *extra, steps=4):
+    return ["--data-dir", demo.root, "--data-list", demo.train_list, "--backbone", "tiny", "--norm", "bn",
+            "--gpu", "cpu", "--input-size", "48,96", "--batch-size", "2", "--num-steps", str(steps),
+            "--num-workers", "0", "--restore-from", "", "--snapshot-dir", str(snapshot_dir), *extra]
 
 
 def run(demo, snapshot_dir, *extra, steps=4):
-    root, train_list = demo
-    argv = ["--data-dir", root, "--data-list", train_list, "--backbone", "tiny", "--norm", "bn", "--gpu", "cpu",
-            "--input-size", "48,96", "--batch-size", "2", "--num-steps", str(steps), "--num-workers", "0",
-            "--restore-from", "", "--snapshot-dir", str(snapshot_dir), *extra]
-    return train.main(argv)
+    return train.main(argv_for(demo, snapshot_dir, *extra, steps=steps))
 
 
 def losses(snapshot_dir):
@@ -64,7 +66,7 @@ def test_snapshot_holds_everything_and_loads_weights_only(demo, tmp_path):
                                                                                         "python"}
 
 
-def test_non_finite_loss_stops_with_the_iteration(demo, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_with_the_iteration(demo, tmp_path, monkeypatch, failed_run):
     class NanAtThirdIteration(train.CriterionDSN):
         calls = 0
 
@@ -74,30 +76,29 @@ def test_non_finite_loss_stops_with_the_iteration(demo, tmp_path, monkeypatch, c
             return loss * float("nan") if NanAtThirdIteration.calls == 3 else loss
 
     monkeypatch.setattr(train, "CriterionDSN", NanAtThirdIteration)
-    assert run(demo, tmp_path, "--save-pred-every", "2") == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: non-finite loss at iteration 3") and "CS_scenes_2.pth" in error
+    error = failed_run(train.main, argv_for(demo, tmp_path, "--save-pred-every", "2"))
+    assert error.startswith("non-finite loss at iteration 3") and "CS_scenes_2.pth" in error
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["CS_scenes_2.pth"]
 
 
-def test_bad_list_line_is_one_line_error(demo, tmp_path, capsys):
+def test_bad_list_line_is_one_line_error(demo, tmp_path, capsys, failed_run):
     bad_list = tmp_path / "bad.lst"
-    bad_list.write_text(open(demo[1]).readline() + "leftImg8bit/nope.png\tgtFine/nope.png\n")
-    assert train.main(["--data-dir", demo[0], "--data-list", str(bad_list), "--backbone", "tiny", "--gpu", "cpu",
-                       "--snapshot-dir", str(tmp_path)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: {bad_list} line 2: file not found: {demo[0]}/leftImg8bit/nope.png"
+    bad_list.write_text(open(demo.train_list).readline() + "leftImg8bit/nope.png\tgtFine/nope.png\n")
+    error = failed_run(train.main, ["--data-dir", demo.root, "--data-list", str(bad_list), "--backbone", "tiny",
+                                    "--gpu", "cpu", "--snapshot-dir", str(tmp_path)])
+    assert error == f"{bad_list} line 2: file not found: {demo.root}/leftImg8bit/nope.png"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--input-size", "769,0"], "H,W"),
     (["--ohem", "maybe"], "0/1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["--ohem-thres", "1.5"], "--ohem-thres: expected a number in [0, 1]"),
 ])
 def test_bad_flags_are_refused(argv, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         train.parse_args(argv)
-    assert message in capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USAGE and message in capsys.readouterr().err
 
 
 def test_defaults_are_the_papers():
@@ -108,30 +109,31 @@ def test_defaults_are_the_papers():
         (8, (769, 769), 1e-2, 0.9, 1e-4, 0.9, 60000, 10000, 2, False, 0.7, 100000, 19, 255, "snapshots/", "off")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
-def test_gpu_training_with_amp(demo, tmp_path, amp):
-    root, train_list = demo
-    argv = ["--data-dir", root, "--data-list", train_list, "--backbone", "tiny", "--norm", "bn", "--gpu", "0",
-            "--input-size", "48,96", "--batch-size", "2", "--num-steps", "3", "--num-workers", "0",
-            "--restore-from", "", "--snapshot-dir", str(tmp_path), "--amp", amp, "--ohem", "1"]
+def test_training_with_amp_and_ohem(demo, tmp_path, amp, device, failed_run):
+    argv = argv_for(demo, tmp_path, "--amp", amp, "--ohem", "1", steps=3)
+    argv[argv.index("--gpu") + 1] = "0" if device.type == "cuda" else "cpu"
+    if amp == "fp16" and device.type == "cpu":
+        assert failed_run(train.main, argv) == "--amp fp16 needs a GPU; use --amp bf16 on the CPU"
+        return
     assert train.main(argv) == 0
     snapshot = load_checkpoint(tmp_path / "CS_scenes_3.pth")
     assert all(torch.isfinite(value).all() for value in snapshot["model"].values() if value.is_floating_point())
     assert (snapshot["scaler"] != {}) == (amp == "fp16")
 
 
-def test_more_gpu_ids_than_processes_is_a_one_line_error(demo, tmp_path, monkeypatch, capsys):
+def test_more_gpu_ids_than_processes_is_a_one_line_error(demo, tmp_path, monkeypatch, failed_run):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert run(demo, tmp_path, "--gpu", "0,1,2,3") == 1
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: --gpu 0,1,2,3") and "torchrun --nproc_per_node=4" in error
-    import evaluate
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # restored after the test
+    error = failed_run(train.main, argv_for(demo, tmp_path, "--gpu", "0,1,2,3"))
+    assert error.startswith("--gpu 0,1,2,3") and "torchrun --nproc_per_node=4" in error
     with pytest.raises(ValueError, match="torchrun"):
-        evaluate.apply_gpu_choice("0,1")
+        apply_gpu_choice("0,1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train.too_many_gpus_message("0,1") is None and train.too_many_gpus_message("cpu") is None
+    apply_gpu_choice("0,1")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert apply_gpu_choice("cpu") is False
 
 
 def test_resume_tolerates_an_amp_change_and_list_sizes():

@@ -1,1 +1,2 @@
-"""Shared helpers: metrics, inference, losses, LR schedule, distributed set-up, checkpoints, logging."""
+"""Helpers that import nothing else of ours: command line, distributed set-up, checkpoints, losses, inference,
+metrics, random states, logging, the LR schedule."""

@@ -8,10 +8,11 @@
   prefix of ``DataParallel``, maybe without ``num_batches_tracked`` (old InPlaceABNSync);
 * ImageNet weights (the MIT ``resnet101-imagenet.pth``): a raw state dict of the backbone plus ``fc.*``.
 
-The ImageNet case is recognized by its keys: a checkpoint with no ``head.*`` and no ``dsn.*`` key is loaded into
-the backbone only (``fc.*`` is skipped, the heads keep their initialization) — pass ``backbone_only=True/False``
-to force either reading. Missing and unexpected keys are reported (and are an error with ``strict=True``); a
-shape mismatch is always an error.
+The model says what its keys mean (``model.checkpoint_keys``: a ``networks.CheckpointKeys``): the ImageNet case is
+recognized by the absence of every head key (``head.*``, ``dsn.*`` for CCNet) and loaded into the backbone only
+(the ImageNet classifier ``fc.*`` is skipped, the heads keep their initialization) — pass
+``backbone_only=True/False`` to force either reading. Missing and unexpected keys are reported (and are an error
+with ``strict=True``); a shape mismatch is always an error, naming the number of classes when a classifier's is.
 """
 import os
 import tempfile
@@ -22,9 +23,6 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
-HEAD_PREFIXES = ("head.", "dsn.")
-CLASSIFIER_KEYS = ("head.bottleneck.3.weight", "head.bottleneck.3.bias", "dsn.3.weight", "dsn.3.bias")
-IMAGENET_CLASSIFIER_PREFIX = "fc."
 DDP_PREFIX = "module."
 OPTIONAL_SUFFIX = "num_batches_tracked"  # absent from old checkpoints; batch counters, not weights
 
@@ -141,10 +139,11 @@ def load_model_weights(
     """Load a snapshot, an original checkpoint or ImageNet weights into ``model`` (see the module docstring).
 
     Args:
-        model: the network (a ``DistributedDataParallel`` wrapper is unwrapped).
+        model: the network (a ``DistributedDataParallel`` wrapper is unwrapped); its ``checkpoint_keys`` say which
+            keys are the heads', the classifiers' and the ImageNet classifier's.
         source: a file path, or a checkpoint dict already loaded.
-        backbone_only: load only the backbone and skip ``fc.*``; ``None`` decides from the keys (no ``head.*`` /
-            ``dsn.*`` key: ImageNet weights).
+        backbone_only: load only the backbone and skip the ImageNet classifier; ``None`` decides from the keys (no
+            head key: ImageNet weights).
         strict: raise :class:`CheckpointError` on missing or unexpected keys (otherwise only report them).
         name: what messages call the checkpoint (default: the path, or ``<in-memory checkpoint>`` for a dict).
     Returns:
@@ -154,21 +153,22 @@ def load_model_weights(
         missing / unexpected keys.
     """
     model = getattr(model, "module", model)
+    model_keys = model.checkpoint_keys
     if isinstance(source, dict):
         name, checkpoint = name or "<in-memory checkpoint>", source
     else:
         name, checkpoint = name or str(source), load_checkpoint(source)
     state = _state_dict_of(checkpoint, name)
     if backbone_only is None:
-        backbone_only = not any(key.startswith(HEAD_PREFIXES) for key in state)
+        backbone_only = not any(key.startswith(model_keys.head_prefixes) for key in state)
     report = LoadReport(source=name, backbone_only=backbone_only)
 
     targets = model.state_dict()
     if backbone_only:
-        report.skipped = [key for key in state if key.startswith(IMAGENET_CLASSIFIER_PREFIX)]
-        report.not_loaded = [key for key in targets if key.startswith(HEAD_PREFIXES)]
-        state = {key: value for key, value in state.items() if not key.startswith(IMAGENET_CLASSIFIER_PREFIX)}
-        targets = {key: value for key, value in targets.items() if not key.startswith(HEAD_PREFIXES)}
+        report.skipped = [key for key in state if key.startswith(model_keys.imagenet_classifier)]
+        report.not_loaded = [key for key in targets if key.startswith(model_keys.head_prefixes)]
+        state = {key: value for key, value in state.items() if not key.startswith(model_keys.imagenet_classifier)}
+        targets = {key: value for key, value in targets.items() if not key.startswith(model_keys.head_prefixes)}
 
     report.missing = [key for key in targets if key not in state and not key.endswith(OPTIONAL_SUFFIX)]
     report.unexpected = [key for key in state if key not in targets]
@@ -178,7 +178,8 @@ def load_model_weights(
         if key in targets and state[key].shape != targets[key].shape
     ]
     if mismatches:
-        classifier = next((key for key in CLASSIFIER_KEYS if key in state and key in targets
+        classifier_keys = [f"{module}.{name}" for module in model_keys.classifiers for name in ("weight", "bias")]
+        classifier = next((key for key in classifier_keys if key in state and key in targets
                            and state[key].shape != targets[key].shape), None)
         hint = None
         if classifier:

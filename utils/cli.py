@@ -1,11 +1,113 @@
-"""Command-line argument types shared by the scripts."""
+"""The scripts' command line: one style of argument validation, one-line errors, documented exit codes.
+
+Every script (``train.py``, ``evaluate.py``, ``predict.py``, ``visualize_attention.py``, ``python -m
+dataset.generate_demo`` and ``dataset.make_lists``, ``python -m benchmarks.<name>``) has
+``main(argv=None) -> int`` and exits with
+
+* ``0`` (:data:`EXIT_OK`): done;
+* ``1`` (:data:`EXIT_FAILURE`): the run failed (bad data, a checkpoint that does not fit the model, a non-finite
+  loss, ...): one line ``<script>: error: <message>`` on stderr (:func:`report_failure`);
+* ``2`` (:data:`EXIT_USAGE`): a bad command line (argparse's own code): one line
+  ``<script>: error: <message> (see --help)`` on stderr (:class:`ArgumentParser`).
+
+:func:`run_main` is such a ``main``, given the script's argument parser, its run and the errors that end a run.
+
+The ``parse_*`` functions and :func:`csv_choices` are argparse ``type=`` callables: text -> value, or
+``argparse.ArgumentTypeError`` with a message that shows what was expected.
+"""
 import argparse
+import os
 import re
-from typing import Tuple
+import sys
+from typing import Callable, List, Sequence, Tuple, Type
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with the scripts' conventions: defaults shown in ``--help``; a bad command line
+    is one line on stderr (not the usage block) and exit code :data:`EXIT_USAGE`."""
+
+    def __init__(self, description: str, **kwargs):
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def report_failure(error: BaseException) -> int:
+    """Print ``error`` as one line ``<script>: error: <message>`` on stderr; returns :data:`EXIT_FAILURE`.
+
+    ``<script>`` is named as argparse names it: the file name of ``sys.argv[0]``."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def run_main(argv, parse_args: Callable, run: Callable, failures: Tuple[Type[BaseException], ...]) -> int:
+    """A script's ``main``: ``run(parse_args(argv))``, and its exit code. A bad command line exits with
+    :data:`EXIT_USAGE` (argparse); an exception of ``failures`` is reported in one line (:func:`report_failure`)."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except failures as error:
+        return report_failure(error)
+    return EXIT_OK
+
+
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    """``"3"`` -> 3; an integer >= 1."""
+    return _integer(text, 1)
+
+
+def parse_non_negative_int(text: str) -> int:
+    """``"0"`` -> 0; an integer >= 0."""
+    return _integer(text, 0)
+
+
+def parse_positive_float(text: str) -> float:
+    """``"0.5"`` -> 0.5; a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def parse_fraction(text: str) -> float:
+    """``"0.7"`` -> 0.7; a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    """``0/1``, ``false/true`` or ``no/yes`` (any case) -> bool (the original's ``--ohem`` takes 0/1)."""
+    values = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {text!r}")
+    return values[text.lower()]
 
 
 def parse_size(text: str) -> Tuple[int, int]:
-    """``"H,W"`` (or ``"HxW"``, or ``"S"`` for a square) -> ``(H, W)``, both positive; argparse error otherwise."""
+    """``"H,W"`` (or ``"HxW"``, or ``"S"`` for a square) -> ``(H, W)``, both positive."""
     parts = re.split(r"[,x]", text.lower())
     try:
         values = [int(part) for part in parts]
@@ -16,3 +118,37 @@ def parse_size(text: str) -> Tuple[int, int]:
     if len(values) != 2 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected a size H,W (e.g. 769,769), HxW or S, got {text!r}")
     return values[0], values[1]
+
+
+def parse_scales(text: str) -> List[float]:
+    """``"0.75,1.0,1.25"`` -> ``[0.75, 1.0, 1.25]``; every scale > 0."""
+    expected = f"expected comma-separated numbers (e.g. 0.75,1.0,1.25), got {text!r}"
+    try:
+        scales = [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if any(not scale > 0 for scale in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return scales
+
+
+def parse_point(text: str) -> Tuple[int, int]:
+    """``"y,x"`` -> ``(y, x)`` pixel coordinates, both >= 0."""
+    try:
+        y, x = (int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'y,x' pixel coordinates, got {text!r}") from None
+    if y < 0 or x < 0:
+        raise argparse.ArgumentTypeError(f"pixel coordinates must be >= 0, got {text!r}")
+    return y, x
+
+
+def csv_choices(choices: Sequence[str]) -> Callable[[str], List[str]]:
+    """A parser of comma-separated values, each one of ``choices``: ``"off,bf16"`` -> ``["off", "bf16"]``."""
+    def parse(text: str) -> List[str]:
+        values = text.split(",")
+        unknown = [value for value in values if value not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return values
+    return parse

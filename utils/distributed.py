@@ -1,11 +1,15 @@
-"""Process-group helpers that work the same under ``torchrun`` and as a plain single process.
+"""Process-group helpers that work the same under ``torchrun`` and as a plain single process, and the ``--gpu``
+choice of every script.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them the process is rank 0 of 1 and no
 process group is created, so every helper below degrades to a no-op.
 """
+import argparse
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,20 +33,32 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def too_many_gpus_message(gpu: str | None, flag: str = "--gpu") -> str | None:
-    """A one-line error if ``gpu`` (e.g. ``"0,1,2,3"``) names more GPUs than this node has processes (each
-    process uses one GPU: a single ``python`` process would silently use the first only); None if it fits.
+def add_gpu_argument(parser: argparse.ArgumentParser) -> None:
+    """``--gpu``, the same flag in every script that computes (see :func:`apply_gpu_choice`)."""
+    parser.add_argument("--gpu", default=None,
+                        help="GPU ids this node may use, e.g. '0' or '0,1,2,3' (sets CUDA_VISIBLE_DEVICES; one GPU "
+                             "per process: N ids need torchrun --nproc_per_node=N); 'cpu' for the CPU; default: the "
+                             "visible GPUs, else the CPU")
 
-    The processes of this node: ``LOCAL_WORLD_SIZE`` (torchrun), else ``WORLD_SIZE``, else 1.
+
+def apply_gpu_choice(gpu: str | None) -> bool:
+    """Honour ``--gpu`` (before CUDA is first used); returns whether this process computes on CUDA.
+
+    Raises ValueError (one line) when ``gpu`` names more GPUs than this node has processes: each process uses one
+    GPU, so a single ``python`` process would silently use the first only. The processes of this node:
+    ``LOCAL_WORLD_SIZE`` (torchrun), else ``WORLD_SIZE``, else 1.
     """
-    if gpu is None or gpu == "cpu":
-        return None
-    ids = [value for value in gpu.split(",") if value.strip()]
-    processes = _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1))
-    if len(ids) <= processes:
-        return None
-    return (f"{flag} {gpu} names {len(ids)} GPUs but there {'is' if processes == 1 else 'are'} {processes} "
-            f"process(es) (one GPU each): launch with torchrun --nproc_per_node={len(ids)}")
+    if gpu == "cpu":
+        return False
+    if gpu is not None:
+        ids = [value for value in gpu.split(",") if value.strip()]
+        processes = _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1))
+        if len(ids) > processes:
+            raise ValueError(f"--gpu {gpu} names {len(ids)} GPUs but there {'is' if processes == 1 else 'are'} "
+                             f"{processes} process(es) (one GPU each): launch with torchrun "
+                             f"--nproc_per_node={len(ids)}")
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return torch.cuda.is_available()
 
 
 def init_distributed(backend: str | None = None, use_cuda: bool | None = None,
@@ -69,6 +85,17 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None,
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+@contextmanager
+def process_group(use_cuda: bool | None = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for a ``with`` block, which leaves the process group when it ends (also on an
+    error): ``with process_group(use_cuda) as info: ...``."""
+    info = init_distributed(use_cuda=use_cuda)
+    try:
+        yield info
+    finally:
+        cleanup()
 
 
 def is_distributed() -> bool:
@@ -100,13 +127,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
-    """Return rank ``src``'s ``obj`` on every process (a picklable Python object)."""
-    if not is_distributed():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
+def shard(length: int, rank: int, world_size: int) -> range:
+    """The contiguous share of ``range(length)`` that process ``rank`` of ``world_size`` takes: the shares cover
+    every index exactly once (no padding, unlike ``DistributedSampler``)."""
+    return range(rank * length // world_size, (rank + 1) * length // world_size)
 
 
 def cleanup() -> None:

@@ -1,6 +1,6 @@
 """Training losses: cross-entropy on both heads (``CriterionDSN``), optionally with OHEM on the main head.
 
-Logits ``(N, K, h, w)`` are first upsampled to the label size ``(N, H, W)`` with ``networks.upsample_logits``
+Logits ``(N, K, h, w)`` are first upsampled to the label size ``(N, H, W)`` with ``utils.logits.upsample_logits``
 (bilinear, align_corners=True) and computed on in float32 (also under autocast).
 
 OHEM ("online hard example mining", the original ``OhemCrossEntropy2d``): of the valid pixels, keep those whose
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks import upsample_logits
+from utils.logits import upsample_logits
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:

@@ -1,31 +1,25 @@
 """Benchmark of the criss-cross attention op and the RCCA block against a non-local block.
 
-    python -m cc_attention.benchmark [--batch 1 2] [--size 97] [--channels 512] [--repeats 5] [--device cpu]
+    python -m benchmarks.cc_attention_op [--batch 1 2] [--size 97] [--channels 512] [--repeats 5] [--device cpu]
 
 Prints a Markdown table: for every workload (the op alone: ca_weight + softmax + ca_map; RCCA with R=2: the
 module, 1x1 projections included, applied twice; a non-local block, embedded Gaussian, inter channels C/2) and
 every backend available on the device: forward and forward+backward time (median of --repeats after a warm-up),
 peak memory, achieved GFLOP/s (and as a share of the measured GEMM ceiling), and ratios against the reference
-(plain PyTorch) row of the same workload. Peak memory: on CPU the peak resident set growth of a fresh process
-that runs the workload once (Linux: the VmHWM counter reset before each phase); on CUDA max_memory_allocated.
+(plain PyTorch) row of the same workload. Peak memory (``benchmarks.measure.PeakMemory``): its growth during one
+run of each phase; on CPU the resident set of a fresh process per row, on CUDA max_memory_allocated.
 """
-import argparse
-import multiprocessing
 import os
-import platform
-import resource
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
-from networks.heads import NonLocalBlock  # the model's own block (its zero-initialized output conv: same cost)
-
-from . import backends
-from .functions import criss_cross_attention
-from .module import CrissCrossAttention
+from benchmarks.measure import PeakMemory, add_device_argument, describe_device, run_isolated, time_calls
+from cc_attention import CrissCrossAttention, backends, criss_cross_attention
+from networks import NonLocalBlock  # the model's own block (its zero-initialized output conv: same cost)
+from utils.cli import EXIT_OK, ArgumentParser, parse_positive_int
 
 RECURRENCE = 2
 
@@ -76,24 +70,6 @@ def _build(workload: str, backend: str, n: int, c: int, size: int, device: str):
     return run, inputs, randn(n, c, size, size)
 
 
-def _synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(function, repeats: int, device: str, best: bool = False) -> float:
-    """Median (or with ``best``, minimum) seconds of ``repeats`` calls after one warm-up."""
-    function()
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        function()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times) if best else statistics.median(times)
-
-
 def _phases(run, inputs, grad):
     def forward():
         with torch.no_grad():
@@ -107,58 +83,18 @@ def _phases(run, inputs, grad):
     return forward, forward_backward
 
 
-# --- peak memory ------------------------------------------------------------------------------------------------
-
-def _rss_reset() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _cpu_peak_worker(workload, backend, n, c, size):
-    """In a fresh process: peak RSS growth (MiB) of one forward and of one forward+backward."""
-    run, inputs, grad = _build(workload, backend, n, c, size, "cpu")
-    small_run, _, small_grad = _build(workload, backend, 1, c, 3, "cpu")
-    small_run().backward(small_grad)  # loads kernels, starts threads
+def peak_growth_mib(workload, backend, n, c, size, device):
+    """Peak memory growth (MiB) of one forward and of one forward+backward, after a small run that loads the
+    kernels and starts the threads. On the CPU call it in a fresh process (``run_isolated``)."""
+    run, inputs, grad = _build(workload, backend, n, c, size, device)
+    small_run, _, small_grad = _build(workload, backend, 1, c, 3, device)
+    small_run().backward(small_grad)
     peaks = []
     for phase in _phases(run, inputs, grad):
-        if _rss_reset():
-            before = _rss_kib("VmRSS")
+        with PeakMemory(device) as memory:
             phase()
-            peaks.append((_rss_kib("VmHWM") - before) / 1024)
-        else:  # high-water mark since start: an upper bound
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            phase()
-            peaks.append((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        peaks.append(memory.growth / 2**20)
     return peaks
-
-
-def _peak_memory(workload, backend, n, c, size, device):
-    if device == "cuda":
-        run, inputs, grad = _build(workload, backend, n, c, size, device)
-        peaks = []
-        for phase in _phases(run, inputs, grad):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            phase()
-            torch.cuda.synchronize()
-            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
-        return peaks
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_cpu_peak_worker, (workload, backend, n, c, size))
 
 
 def gemm_ceiling(device: str, repeats: int) -> float:
@@ -169,7 +105,7 @@ def gemm_ceiling(device: str, repeats: int) -> float:
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        seconds = _time(lambda: torch.mm(a, b), repeats, device, best=True)
+        seconds = min(time_calls(lambda: torch.mm(a, b), repeats, device))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * size**3 / seconds / 1e9
@@ -190,8 +126,7 @@ def rows_for(device: str):
 def run_benchmark(batches, size, channels, repeats, device):
     ceiling = gemm_ceiling(device, repeats)
     lines = [
-        f"Device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads), torch {torch.__version__}; input N x {channels} x {size} x {size}, "
+        f"Device: {describe_device(device)}, torch {torch.__version__}; input N x {channels} x {size} x {size}, "
         f"float32; GEMM ceiling (torch.mm float32): {ceiling:.0f} GFLOP/s.",
         "",
         "| N | workload | backend | fwd ms | fwd+bwd ms | peak MiB fwd | peak MiB fwd+bwd | GFLOP/s fwd (% ceiling) "
@@ -203,9 +138,10 @@ def run_benchmark(batches, size, channels, repeats, device):
         for workload, label, backend in rows_for(device):
             run, inputs, grad = _build(workload, backend, n, channels, size, device)
             forward, forward_backward = _phases(run, inputs, grad)
-            times = [_time(forward, repeats, device), _time(forward_backward, repeats, device)]
+            times = [statistics.median(time_calls(phase, repeats, device)) for phase in (forward, forward_backward)]
             del run, inputs, grad, forward, forward_backward
-            peaks = _peak_memory(workload, backend, n, channels, size, device)
+            measured = (workload, backend, n, channels, size, device)
+            peaks = run_isolated(peak_growth_mib, *measured) if device == "cpu" else peak_growth_mib(*measured)
             key = "rcca" if workload == "nonlocal" else workload
             if backend == "reference":
                 reference[key] = (times, peaks)
@@ -231,21 +167,21 @@ def run_benchmark(batches, size, channels, repeats, device):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="batch sizes (default: 1 2)")
-    parser.add_argument("--size", type=int, default=97, help="feature map height = width (default: 97)")
-    parser.add_argument("--channels", type=int, default=512, help="input channels C (default: 512)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, >= 1 (default: 5)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad command line."""
+    parser = ArgumentParser(__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=parse_positive_int, nargs="+", default=[1, 2], help="batch sizes")
+    parser.add_argument("--size", type=parse_positive_int, default=97, help="feature map height = width")
+    parser.add_argument("--channels", type=parse_positive_int, default=512, help="input channels C, >= 8")
+    parser.add_argument("--repeats", type=parse_positive_int, default=5, help="timed runs per measurement")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.size < 1 or args.channels < 8 or min(args.batch) < 1:
-        parser.error("--repeats, --size and --batch must be >= 1 and --channels >= 8")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is available")
+    if args.channels < 8:
+        parser.error(f"--channels must be >= 8 (the query and key have C/8), got {args.channels}")
     os.environ.pop(backends.ENV_VAR, None)  # rows name their backend explicitly
     print(run_benchmark(args.batch, args.size, args.channels, args.repeats, args.device))
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The one measurement helper of the benchmarks: the default device, timing, peak memory, process isolation.
+
+* :func:`default_device`, :func:`add_device_argument` (``--device``), :func:`describe_device` (for a table's title).
+* :func:`time_calls`: seconds per call, with the GPU synchronized before and after each call (CUDA runs
+  asynchronously: without that, a timer measures the launch, not the work).
+* :class:`PeakMemory`: the peak memory of a ``with`` block. CPU: the resident set size, Python and torch included
+  (Linux: the kernel's high-water mark VmHWM, reset when the block starts); CUDA: ``torch.cuda.max_memory_allocated``
+  (tensors only; the allocator's cache and the CUDA context are not counted).
+* :func:`run_isolated`: a call in a fresh process, so that a configuration's peak memory is its own and one that
+  crashes (out of memory) does not take the others down.
+"""
+import argparse
+import multiprocessing
+import platform
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, List
+
+import torch
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda``, by default :func:`default_device`; ``cuda`` without a visible GPU is refused."""
+    def parse_device(text: str) -> str:
+        if text not in ("cpu", "cuda"):
+            raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+        if text == "cuda" and not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("no CUDA GPU is visible")
+        return text
+
+    parser.add_argument("--device", type=parse_device, default=default_device(), help="cpu or cuda")
+
+
+def describe_device(device: str) -> str:
+    """What a table should say it was measured on: the GPU's name, or the CPU and the threads torch uses."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(function: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> List[float]:
+    """Seconds of each of ``repeats`` calls of ``function()``, after ``warmup`` untimed calls (allocator, kernel
+    builds, cuDNN's choice of algorithms)."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _max_rss_bytes() -> int:
+    """The process's peak resident set size since it started (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as memory: ...`` then ``memory.peak`` and ``memory.growth``, in bytes.
+
+    ``peak``: the highest level during the block (CPU: resident set size; CUDA: allocated tensors); ``growth``: the
+    peak minus the level when the block started, i.e. what the block itself needed. Where the CPU's counter cannot
+    be reset (not Linux), the process's peak since it started stands in: run the block in a fresh process
+    (:func:`run_isolated`) to make it the block's own.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+        self.growth = 0
+        self._start = 0
+        self._resettable = False
+
+    def __enter__(self) -> "PeakMemory":
+        synchronize(self.device)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._resettable = _reset_cpu_peak()
+            self._start = _proc_status_bytes("VmRSS") if self._resettable else _max_rss_bytes()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        synchronize(self.device)
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.peak = _proc_status_bytes("VmHWM") if self._resettable else _max_rss_bytes()
+        self.growth = self.peak - self._start
+
+
+def run_isolated(function: Callable, *args):
+    """``function(*args)`` in a fresh (spawned) process: returns its result or raises its exception
+    (``BrokenProcessPool`` when the process dies). ``function`` must be importable: a module's top-level function."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()

@@ -1,0 +1,1 @@
+"""What runs the network for the scripts: one training step, and a trained snapshot made a ready model."""

@@ -1,0 +1,84 @@
+"""A trained snapshot made a ready model, for the tools that run one (evaluate.py, predict.py,
+visualize_attention.py): their shared flags, the model flags resolved from the snapshot, building and loading.
+
+The model flags default to None on the command line: :func:`resolve_model_args` fills them in from the
+snapshot's saved ``args`` (train.py saves them), else from :data:`MODEL_DEFAULTS` (the original's released
+snapshots are raw state dicts).
+"""
+import argparse
+import sys
+from typing import Optional
+
+import torch
+
+from dataset.labels import NUM_CLASSES
+from networks import BACKBONES, HEADS, build_model
+from utils.checkpoint import load_checkpoint, load_model_weights
+from utils.cli import parse_non_negative_int, parse_positive_int, parse_scales, parse_size
+from utils.distributed import add_gpu_argument
+
+# The model flags' values when neither the command line nor the snapshot's saved ``args`` give them.
+MODEL_DEFAULTS = {"model": "ccnet", "backbone": "resnet101", "recurrence": 2, "num_classes": NUM_CLASSES}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--restore-from --model --backbone --recurrence --num-classes --gpu``."""
+    parser.add_argument("--restore-from", required=True, help="snapshot: ours (train.py) or an original release")
+    from_snapshot = "default: the snapshot's (train.py saves its args), else {}"
+    parser.add_argument("--model", default=None, choices=HEADS,
+                        help="context head; " + from_snapshot.format(MODEL_DEFAULTS["model"]))
+    parser.add_argument("--backbone", default=None, choices=tuple(BACKBONES),
+                        help="backbone; " + from_snapshot.format(MODEL_DEFAULTS["backbone"]))
+    parser.add_argument("--recurrence", type=parse_non_negative_int, default=None,
+                        help="R, criss-cross attention loops; " + from_snapshot.format(MODEL_DEFAULTS["recurrence"]))
+    parser.add_argument("--num-classes", type=parse_positive_int, default=None,
+                        help="classes the model predicts; " + from_snapshot.format(MODEL_DEFAULTS["num_classes"]))
+    add_gpu_argument(parser)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--input-size --whole --scales --flip`` (see ``utils.inference.predict_logits``)."""
+    parser.add_argument("--input-size", type=parse_size, default=(769, 769), help="sliding-window tile 'H,W'")
+    parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
+    parser.add_argument("--scales", type=parse_scales, default=[1.0],
+                        help="image scales to average, e.g. 0.75,1.0,1.25")
+    parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
+
+
+def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
+    """Fill in ``args.model / backbone / recurrence / num_classes`` left None on the command line: from the
+    snapshot's saved ``args`` (ours), else :data:`MODEL_DEFAULTS` (original releases: raw state dicts). A flag
+    given explicitly wins; if it differs from the snapshot's, one warning line is printed (when ``verbose``)."""
+    saved = checkpoint.get("args")
+    saved = saved if isinstance(saved, dict) else {}
+    for name, default in MODEL_DEFAULTS.items():
+        given, stored = getattr(args, name), saved.get(name)
+        if given is None:
+            setattr(args, name, default if stored is None else stored)
+        elif stored is not None and given != stored and verbose:
+            print(f"warning: --{name.replace('_', '-')} {given} differs from the snapshot's {stored} "
+                  f"({args.restore_from})", file=sys.stderr)
+
+
+def load_snapshot(args, verbose: bool = True) -> dict:
+    """Read ``args.restore_from`` (once) and resolve the model flags from it; returns the checkpoint."""
+    checkpoint = load_checkpoint(args.restore_from)
+    resolve_model_args(args, checkpoint, verbose)
+    return checkpoint
+
+
+def build_and_load(args, device: torch.device, verbose: bool = True,
+                   checkpoint: Optional[dict] = None) -> torch.nn.Module:
+    """The model of ``args`` with all the snapshot's weights (backbone-only ImageNet weights are refused), in eval
+    mode on ``device``. ``checkpoint``: the one :func:`load_snapshot` returned (read here if None).
+
+    Batch norm: every kind computes the same function in eval mode, so plain BatchNorm2d is used.
+    """
+    if checkpoint is None:
+        checkpoint = load_snapshot(args, verbose)
+    model = build_model(args.model, backbone=args.backbone, num_classes=args.num_classes,
+                        recurrence=args.recurrence, norm="bn")
+    report = load_model_weights(model, checkpoint, backbone_only=False, name=args.restore_from)
+    if verbose:
+        print(report.summary())
+    return model.to(device).eval()
