@@ -82,10 +82,14 @@ def test_train_step_table_measures_each_configuration(capsys):
 
 
 @pytest.mark.slow
-def test_op_benchmark_has_a_row_per_workload_and_backend(capsys):
+def test_op_benchmark_has_a_row_per_workload_and_implementation(capsys):
     assert cc_attention_op.main(["--batch", "1", "--size", "9", "--channels", "16", "--repeats", "1",
-                                 "--device", "cpu"]) == 0
-    rows = [[cell.strip() for cell in line.split("|")[2:6]] for line in capsys.readouterr().out.splitlines()
+                                 "--layout", "nchw,nhwc", "--device", "cpu"]) == 0
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| 1 |")]
-    assert [row[:2] for row in rows] == [[label, backend] for _, label, backend in cc_attention_op.rows_for("cpu")]
-    assert len(rows) >= 3 and all(float(row[2]) >= 0 and float(row[3]) >= 0 for row in rows)  # fwd, fwd+bwd ms
+    expected = [[layout, cc_attention_op.WORKLOAD_LABELS[workload], implementation]
+                for layout in ("nchw", "nhwc") for workload, implementation in cc_attention_op.ROWS]
+    assert [row[2:5] for row in rows] == expected
+    assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows)  # fwd, fwd+bwd ms
+    plain_rows = [row for row in rows if row[4] == "plain"]
+    assert plain_rows and all(row[9] == "1.00x / 1.00x" for row in plain_rows)

@@ -17,7 +17,6 @@ from cc_attention import CrissCrossAttention, backends, ca_map, ca_weight, criss
 from cc_attention.reference import ca_map_reference, ca_weight_reference
 from networks import build_model
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 # (device, backend): every device with its kernels and with the reference.
@@ -28,13 +27,8 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU: the CUDA kernels cannot run")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels_built():
-    """Build (or load) the kernels once; a build failure fails the tests that need them, with the reason."""
-    return library.load()
-
-
 def _require_kernels(device: str) -> None:
+    """Build (or load) the kernels once; a build failure fails the tests that need them, with the reason."""
     reason = library.load().missing.get(device)
     if reason is not None:
         pytest.fail(f"the {device} kernels are not available: {reason}")
@@ -388,10 +382,9 @@ def _nvcc():
 
 
 @pytest.mark.slow
-def test_cuda_library_compiles_and_registers_the_cuda_kernels():
+def test_cuda_library_compiles_and_registers_the_cuda_kernels(repo_root, in_ci):
     """In a fresh process (a process loads one variant of the library): build the CUDA variant and check that the
     operators have CUDA kernels."""
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the CUDA sources cannot be compiled here")
@@ -405,8 +398,8 @@ def test_cuda_library_compiles_and_registers_the_cuda_kernels():
               "'ca_weight_backward', 'ca_map', 'ca_map_backward'):\n"
               "    assert torch._C._dispatch_has_kernel_for_dispatch_key('ccnet::' + name, 'CUDA'), name\n"
               "print('ok')\n")
-    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    environment = dict(os.environ, PYTHONPATH=str(repo_root))
     environment.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=environment, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=environment, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
