@@ -8,6 +8,8 @@
   (tensors only; the allocator's cache and the CUDA context are not counted).
 * :func:`run_isolated`: a call in a fresh process, so that a configuration's peak memory is its own and one that
   crashes (out of memory) does not take the others down.
+* :func:`count_gflops`: the FLOPs of one forward pass of CCNet, counted on the meta device.
+* :func:`matmul_peak_tflops`: the measured rate of a large matrix product, the ceiling that MFU figures divide by.
 """
 import argparse
 import multiprocessing
@@ -15,9 +17,16 @@ import platform
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cc_attention import CrissCrossAttention
+from networks import build_model
+
+# The modules whose FLOPs count as "attention" in count_gflops (RCCA and the non-local comparison head).
+ATTENTION_MODULES = ("head.cca", "head.non_local")
 
 
 def default_device() -> str:
@@ -129,3 +138,27 @@ def run_isolated(function: Callable, *args):
     (``BrokenProcessPool`` when the process dies). ``function`` must be importable: a module's top-level function."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def count_gflops(name: str, backbone: str, recurrence: int, size: Tuple[int, int],
+                 training: bool = True) -> Dict[str, float]:
+    """GFLOPs of one forward pass of ``build_model(name, backbone, recurrence=recurrence)`` at batch 1 on a ``size``
+    input: ``{"total", "head", "attention"}``. Counted by ``FlopCounterMode`` on the meta device (shapes only):
+    convolutions and matrix products, 1 multiply-add = 2 FLOPs; element-wise work is not counted; the criss-cross
+    attention on its reference (einsum) path. ``training``: training mode, both heads (what a training step
+    computes); False: eval mode, without the auxiliary DSN head (what inference computes)."""
+    with torch.device("meta"):
+        model = build_model(name, backbone=backbone, recurrence=recurrence, norm="bn").train(training)
+        for module in model.modules():
+            if isinstance(module, CrissCrossAttention):
+                module.backend = "reference"
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, *size))
+    per_module = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
+    prefix = type(model).__name__ + "."
+    attention = sum(per_module.get(prefix + key, 0) for key in ATTENTION_MODULES)
+    return {
+        "total": counter.get_total_flops() / 1e9,
+        "head": per_module.get(prefix + "head", 0) / 1e9,
+        "attention": attention / 1e9,
+    }

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import cc_attention_op, model_report, train_step
-from benchmarks.measure import PeakMemory, run_isolated, time_calls
+from benchmarks.measure import PeakMemory, count_gflops, run_isolated, time_calls
 from networks import BACKBONES
 
 MIB = 2**20
@@ -57,10 +57,19 @@ def test_model_report_counts_the_attention_flops_exactly():
         + pixels * (height + width) * channels  # aggregation
     )
     for recurrence in (1, 2):
-        counted = model_report.count_gflops("ccnet", "tiny", recurrence, (129, 161))
+        counted = count_gflops("ccnet", "tiny", recurrence, (129, 161))
         assert counted["attention"] * 1e9 == pytest.approx(2 * macs_per_loop * recurrence, rel=1e-9)
         assert counted["attention"] < counted["head"] < counted["total"]
-    assert model_report.count_gflops("baseline", "tiny", 0, (129, 161))["attention"] == 0
+    assert count_gflops("baseline", "tiny", 0, (129, 161))["attention"] == 0
+
+
+def test_flop_count_of_eval_mode_leaves_out_exactly_the_dsn_head():
+    spec, (height, width), classes = BACKBONES["tiny"], (17, 21), 19
+    dsn_macs = height * width * (spec.layer3_channels * spec.head_width * 9 + spec.head_width * classes)
+    training = count_gflops("ccnet", "tiny", 2, (129, 161))
+    inference = count_gflops("ccnet", "tiny", 2, (129, 161), training=False)
+    assert (training["total"] - inference["total"]) * 1e9 == pytest.approx(2 * dsn_macs, rel=1e-9)
+    assert inference["head"] == training["head"] and inference["attention"] == training["attention"]
 
 
 def test_model_report_lists_every_head(capsys):
