@@ -9,7 +9,8 @@
 * :func:`run_isolated`: a call in a fresh process, so that a configuration's peak memory is its own and one that
   crashes (out of memory) does not take the others down.
 * :func:`count_gflops`: the FLOPs of one forward pass of CCNet, counted on the meta device.
-* :func:`matmul_peak_tflops`: the measured rate of a large matrix product, the ceiling that MFU figures divide by.
+* :func:`matmul_peak_tflops`, :func:`matmul_peaks`: the measured rate of a large matrix product, per precision: the
+  ceiling that MFU figures divide by.
 """
 import argparse
 import multiprocessing
@@ -162,3 +163,31 @@ def count_gflops(name: str, backbone: str, recurrence: int, size: Tuple[int, int
         "head": per_module.get(prefix + "head", 0) / 1e9,
         "attention": attention / 1e9,
     }
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype, size: int, repeats: int = 10, tf32: bool = False) -> float:
+    """TFLOP/s of ``torch.mm`` of two ``size x size`` matrices of ``dtype`` on ``device`` (median of ``repeats``
+    after 3 warm-up calls; 2 * size**3 FLOPs a product). ``tf32``: float32 products on TF32 tensor cores (CUDA),
+    for this call only."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        times = time_calls(lambda: torch.mm(a, b), repeats, device, warmup=3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    times.sort()
+    return 2 * size ** 3 / times[len(times) // 2] / 1e12
+
+
+def matmul_peaks(device: str, size: Optional[int] = None) -> Dict[str, float]:
+    """The measured matrix-product peak of each precision on ``device``, TFLOP/s: ``bf16`` and ``fp32`` (true
+    float32), on CUDA also ``fp16`` and ``tf32``. ``size``: of the square matrices (default 8192 on a GPU, 1024 on
+    the CPU)."""
+    size = size or (8192 if device == "cuda" else 1024)
+    peaks = {"bf16": matmul_peak_tflops(device, torch.bfloat16, size)}
+    if device == "cuda":
+        peaks["fp16"] = matmul_peak_tflops(device, torch.float16, size)
+        peaks["tf32"] = matmul_peak_tflops(device, torch.float32, size, tf32=True)
+    peaks["fp32"] = matmul_peak_tflops(device, torch.float32, size)
+    return peaks

@@ -11,7 +11,7 @@ forward pass is counted in training mode, with both heads (the auxiliary DSN hea
 training step computes it); in eval mode the network skips the DSN head.
 
 The memory table is the training-step benchmark (``benchmarks.train_step``: forward, the training loss,
-backward and the SGD step, in a fresh process) for one step of CCNet (R=2) at batch 1, fp32, with BatchNorm and
+backward and the SGD step, in a fresh process) for two steps of CCNet (R=2) at batch 1, fp32, with BatchNorm and
 with InPlaceABN.
 """
 import sys
@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     print(flops_table(args.backbone, args.sizes))
     if not args.skip_memory:
         print(f"\n### {args.backbone}: memory of one training step (batch 1, RCCA R=2)\n")
-        print(step_table(configs_for(args.backbone, args.memory_size, batch_size=1, recurrence=2,
-                                     norms=list(NORM_CHOICES), amps=["off"], steps=1, warmup=0, device=args.device)))
+        print(step_table(configs_for(args.backbone, args.memory_size, batch_sizes=[1], recurrence=2,
+                                     norms=list(NORM_CHOICES), amps=["off"], steps=1, warmup=1, device=args.device),
+                         mfu=False))
     return EXIT_OK
 
 

@@ -79,15 +79,40 @@ def test_model_report_lists_every_head(capsys):
 
 
 @pytest.mark.slow
-def test_train_step_table_measures_each_configuration(capsys):
-    argv = ["--backbone", "tiny", "--size", "64", "--batch-size", "1", "--steps", "2", "--warmup", "1",
-            "--amp", "off,fp16", "--norm", "bn", "--device", "cpu"]
+def test_train_step_table_measures_each_configuration(capsys, tmp_path):
+    output = tmp_path / "table.md"
+    argv = ["--backbone", "tiny", "--size", "64", "--batch-size", "1,2", "--steps", "2", "--warmup", "2",
+            "--amp", "off,fp16", "--layouts", "nchw,nhwc", "--norm", "bn", "--device", "cpu", "--output", str(output)]
     assert train_step.main(argv) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| bn |")]
-    (fp32, fp16) = [[cell.strip() for cell in row] for row in rows]
-    assert fp32[:2] == ["bn", "fp32"] and float(fp32[2].removesuffix(" s")) > 0
-    assert 0 < float(fp32[5].removesuffix(" GiB")) <= float(fp32[4].removesuffix(" GiB"))
-    assert fp16[2] == "n/a: fp16 needs a GPU"
+    printed = capsys.readouterr().out
+    assert output.read_text() == printed
+    title = printed.splitlines()[0]
+    assert "Matrix-product peak measured in this run: bf16 " in title and ", fp32 " in title
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in printed.splitlines()
+            if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [row[:4] for row in rows] == [[batch, "bn", amp, layout] for batch in ("1", "2") for amp in ("fp32", "fp16")
+                                         for layout in ("NCHW", "channels_last")]
+    for row in rows:
+        if row[2] == "fp16":
+            assert row[7] == "n/a: fp16 needs a GPU"
+            continue
+        first, step, images = float(row[7].removesuffix(" s")), float(row[8].removesuffix(" ms")), float(row[9])
+        assert first > 0 and step > 0 and images == pytest.approx(int(row[0]) * 1000 / step, rel=0.02)
+        tflops, mfu = float(row[10]), float(row[11].removesuffix("% of fp32"))
+        assert tflops > 0 and 0 < mfu < 1000
+        assert 0 < float(row[13].removesuffix(" GiB")) <= float(row[12].removesuffix(" GiB"))
+
+
+@pytest.mark.slow
+def test_train_step_compiles_where_asked():
+    config = train_step.StepConfig("tiny", (33, 33), 1, 1, "bn", "off", steps=1, warmup=1, device="cpu", compile=True)
+    result = run_isolated(_compiled_graphs_after_steps, config)
+    assert result["graphs"] >= 1 and len(result["times"]) == 1
+
+
+def _compiled_graphs_after_steps(config):
+    result = train_step.measure_steps(config)
+    return {**result, "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
 @pytest.mark.slow
