@@ -76,7 +76,8 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     tile_size = None if args.whole else args.input_size
     conf = None
     for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
-        logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip)
+        logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip,
+                                args.tile_batch)
         prediction = logits.argmax(dim=1)  # (N, H, W) train ids
         if labels is not None:
             batch_conf = confusion_matrix(prediction, labels.to(device), args.num_classes, IGNORE_LABEL)

@@ -76,7 +76,8 @@ def run(args) -> None:
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f"cannot read image {path}")
-        logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip)
+        logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
+                                args.tile_batch)
         train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         stem = os.path.splitext(os.path.basename(path))[0]
         save_paletted_png(os.path.join(args.output, stem + ".png"), train_ids)

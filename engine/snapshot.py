@@ -40,12 +40,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--input-size --whole --scales --flip`` (see ``utils.inference.predict_logits``)."""
+    """``--input-size --whole --scales --flip --tile-batch`` (see ``utils.inference.predict_logits``)."""
     parser.add_argument("--input-size", type=parse_size, default=(769, 769), help="sliding-window tile 'H,W'")
     parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
     parser.add_argument("--scales", type=parse_scales, default=[1.0],
                         help="image scales to average, e.g. 0.75,1.0,1.25")
     parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
+    parser.add_argument("--tile-batch", type=parse_positive_int, default=1,
+                        help="sliding window: tiles per forward pass (the same logits; faster on a GPU, more memory: "
+                             "8 takes a 1024x2048 image's 8 tiles at once)")
 
 
 def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
