@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import cc_attention_op, model_report, train_step
+from benchmarks import cc_attention_op, data_loader, inference, model_report, train_step
 from benchmarks.measure import PeakMemory, count_gflops, run_isolated, time_calls
 from networks import BACKBONES
 
@@ -127,3 +127,43 @@ def test_op_benchmark_has_a_row_per_workload_and_implementation(capsys):
     assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows)  # fwd, fwd+bwd ms
     plain_rows = [row for row in rows if row[4] == "plain"]
     assert plain_rows and all(row[9] == "1.00x / 1.00x" for row in plain_rows)
+
+
+def _table_rows(text: str, first_cell: str):
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_inference_benchmark_has_a_row_per_mode_precision_layout_and_tile_batch(capsys, tmp_path):
+    output = tmp_path / "inference.md"
+    assert inference.main(["--backbone", "tiny", "--image-size", "64,160", "--tile", "48", "--amp", "off,fp16",
+                           "--tile-batch", "1,3", "--repeats", "1", "--warmup", "1", "--device", "cpu",
+                           "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert output.read_text() == printed and "sliding window: 10 tiles of 48x48" in printed
+    rows = _table_rows(printed, "sliding") + _table_rows(printed, "whole")
+    expected = [[mode, amp, layout, batch] for layout in ("NCHW", "channels_last") for amp in ("fp32", "fp16")
+                for mode, batch in (("sliding", "1"), ("sliding", "3"), ("whole", "-"))]
+    assert sorted(row[:4] for row in rows) == sorted(expected)
+    for row in rows:
+        if row[1] == "fp16":
+            assert row[4] == "n/a: fp16 needs a GPU"
+        else:
+            seconds, rate, tflops = float(row[4]), float(row[5]), float(row[6])
+            assert seconds > 0 and rate == pytest.approx(1 / seconds, rel=0.01) and tflops > 0
+
+
+def test_data_loader_benchmark_times_samples_and_worker_counts(capsys, tmp_path):
+    output = tmp_path / "loader.md"
+    assert data_loader.main(["--images", "2", "--height", "64", "--width", "128", "--crop", "48,96",
+                             "--workers", "0,2", "--batches-per-worker", "2", "--samples", "3",
+                             "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert output.read_text() == printed and "from 2 generated 128x64 PNG scenes" in printed
+    (whole,), (decoding,) = _table_rows(printed, "the whole"), _table_rows(printed, "of which decoding")
+    assert 0 < float(decoding[1].split()[0]) < float(whole[1])
+    rows = _table_rows(printed, "0 (main process)") + _table_rows(printed, "2 |")
+    assert [row[0] for row in rows] == ["0 (main process)", "2"]
+    assert all(float(row[1]) > 0 for row in rows)
+    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / 2, abs=0.06)  # per worker
+    assert "100 images/s needs about" in printed
