@@ -30,6 +30,7 @@ import cv2
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from benchmarks.measure import write_lines
 from dataset.cityscapes import CityscapesDataset, worker_init_fn
 from dataset.generate_demo import generate
 from utils.cli import EXIT_OK, ArgumentParser, csv_of, parse_non_negative_int, parse_positive_int, parse_size
@@ -153,9 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   flush=True)
             report = run(args, root, lists["train"], f"{args.images} generated {args.width}x{args.height} PNG scenes")
     print(report)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(report + "\n")
+    write_lines(args.output, [report])
     return EXIT_OK
 
 

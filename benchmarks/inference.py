@@ -14,7 +14,7 @@ only) is a row, in one process (one model, converted between the layouts): ``--w
 autotuning with ``--cudnn-benchmark 1``), then the median of ``--repeats``. Columns: seconds per image, images/s, the
 forward passes' TFLOP/s (counted by ``benchmarks.measure.count_gflops`` in eval mode: tiles x a tile's forward
 pass, or the whole image's), and the peak memory during the calls (``benchmarks.measure.PeakMemory``). Prints a
-Markdown table; ``--output`` also writes it to a file.
+Markdown table; ``--output`` also writes it to a file, rewritten after each row.
 """
 import statistics
 import sys
@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import torch
 
-from benchmarks.measure import PeakMemory, add_device_argument, count_gflops, describe_device, time_calls
+from benchmarks.measure import PeakMemory, add_device_argument, count_gflops, describe_device, time_calls, write_lines
 from engine.snapshot import InferenceModel
 from engine.train_step import AMP_DTYPES
 from networks import BACKBONES, build_model
@@ -85,6 +85,7 @@ def inference_table(args) -> str:
                 for tile_batch in (args.tile_batch if mode == "sliding" else [None]):
                     lines.append(_row(model, image, args, mode, layout, amp, tile_batch, gflops[mode]))
                     print(lines[-1], file=sys.stderr, flush=True)
+                    write_lines(args.output, lines)
     return "\n".join(lines)
 
 
@@ -109,12 +110,7 @@ def _row(model, image, args, mode: str, layout: str, amp: str, tile_batch: Optio
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit codes: 0 done (a row that failed says why), 2 bad command line."""
-    args = parse_args(argv)
-    table = inference_table(args)
-    print(table)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(table + "\n")
+    print(inference_table(parse_args(argv)))
     return EXIT_OK
 
 

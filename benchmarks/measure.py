@@ -9,6 +9,7 @@
 * :func:`run_isolated`: a call in a fresh process, so that a configuration's peak memory is its own and one that
   crashes (out of memory) does not take the others down.
 * :func:`count_gflops`: the FLOPs of one forward pass of CCNet, counted on the meta device.
+* :func:`write_lines`: a table's lines to its ``--output`` file (rewritten as rows come: a stopped run keeps them).
 * :func:`matmul_peak_tflops`, :func:`matmul_peaks`: the measured rate of a large matrix product, per precision: the
   ceiling that MFU figures divide by.
 """
@@ -191,3 +192,10 @@ def matmul_peaks(device: str, size: Optional[int] = None) -> Dict[str, float]:
         peaks["tf32"] = matmul_peak_tflops(device, torch.float32, size, tf32=True)
     peaks["fp32"] = matmul_peak_tflops(device, torch.float32, size)
     return peaks
+
+
+def write_lines(path: Optional[str], lines: List[str]) -> None:
+    """Write ``lines`` (one per line) to ``path``, replacing it; nothing when ``path`` is None."""
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")

@@ -8,7 +8,8 @@ The step is train.py's (``engine.train_step``: the forward pass under autocast a
 as one module, ``torch.compile``'d with ``--compile 1``; backward; SGD, fused where train.py fuses it) on random
 inputs: data loading is not timed. Every combination of the comma-separated ``--batch-size``, ``--norm``, ``--amp``,
 ``--layouts``, ``--compile``, ``--fused`` and ``--cudnn-benchmark`` values is a row, in that order of loops (the
-first flag outermost), and runs in a fresh process (``benchmarks.measure.run_isolated``): one first step, timed on
+first flag outermost), or ``--rows`` names the rows one by one (in order of importance, say); each runs in a fresh
+process (``benchmarks.measure.run_isolated``): one first step, timed on
 its own (it includes torch.compile's compilation and cuDNN's autotuning), ``--warmup`` - 1 more untimed steps, then
 ``--steps`` timed ones. Columns: the first step's time; the median step time and images/s; TFLOP/s and MFU: the step's
 FLOPs (3x the forward pass's, counted by ``benchmarks.measure.count_gflops`` in training mode, both heads) over the
@@ -19,6 +20,7 @@ the process's resident set, Python and torch included) and how much of it the st
 (activations, gradients, optimizer state, workspace). Prints a Markdown table; ``--output`` also writes it to a file,
 rewritten after each row (a run stopped half-way leaves the rows it measured).
 """
+import argparse
 import statistics
 import sys
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks.measure import (PeakMemory, add_device_argument, count_gflops, describe_device, matmul_peaks,
-                                run_isolated, time_calls)
+                                run_isolated, time_calls, write_lines)
 from engine.train_step import AMP_DTYPES, compile_forward_loss, fused_sgd_available, make_sgd, optimizer_step
 from libs.norm import inplace_abn_available
 from networks import BACKBONES, build_model
@@ -85,7 +87,8 @@ def measure_steps(config: StepConfig) -> dict:
     optimizer = make_sgd(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4, fused=config.fused)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     forward_and_loss = compile_forward_loss(model, CriterionDSN(), AMP_DTYPES[config.amp], config.compile)
-    images = (torch.randn(config.batch_size, 3, *config.size, device=device) * 50).contiguous(memory_format=memory_format)
+    images = torch.randn(config.batch_size, 3, *config.size, device=device) * 50
+    images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (config.batch_size, *config.size), device=device)
 
     def step():
@@ -134,8 +137,8 @@ def step_table(configs: Sequence[StepConfig], mfu: bool = True, output: Optional
         step_gflops[backbone, size, recurrence] = 3 * count_gflops("ccnet", backbone, recurrence, size)["total"]
     memory = "peak GPU memory" if first.device == "cuda" else "peak RSS"
     lines = [_title(first, peaks, step_gflops[first.backbone, first.size, first.recurrence]), "",
-             "| batch | norm | precision | layout | compile | SGD | cudnn.benchmark | first step | step time | images/s "
-             f"| TFLOP/s | MFU | {memory} | added by the steps |",
+             "| batch | norm | precision | layout | compile | SGD | cudnn.benchmark | first step | step time "
+             f"| images/s | TFLOP/s | MFU | {memory} | added by the steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in configs:
         precision = "fp32" if config.amp == "off" else config.amp
@@ -153,22 +156,16 @@ def step_table(configs: Sequence[StepConfig], mfu: bool = True, output: Optional
         else:
             median = statistics.median(result["times"])
             tflops = config.batch_size * step_gflops[config.backbone, config.size, config.recurrence] / median / 1e3
-            if peaks is None:
-                rate = "| |"
-            else:
+            mfu_cell = "-"
+            if peaks is not None:
                 peak_name, peak = _peak_for(config.amp, peaks, config.device)
-                rate = f"| {tflops:.3g} | {100 * tflops / peak:.1f}% of {peak_name} |"
+                mfu_cell = f"{100 * tflops / peak:.1f}% of {peak_name}"
+            rate = f"| {tflops:.3g} | {mfu_cell} |"
             lines.append(f"{cells} {result['first']:.2f} s | {1000 * median:.1f} ms | {config.batch_size / median:.2f} "
                          f"{rate} {result['peak'] / 2 ** 30:.2f} GiB | {result['growth'] / 2 ** 30:.2f} GiB |")
         print(lines[-1], file=sys.stderr, flush=True)
-        if output:
-            _write(output, lines)
+        write_lines(output, lines)
     return "\n".join(lines)
-
-
-def _write(path: str, lines: List[str]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
 
 
 def configs_for(backbone: str, size: Tuple[int, int], batch_sizes: Sequence[int], recurrence: int,
@@ -180,6 +177,20 @@ def configs_for(backbone: str, size: Tuple[int, int], batch_sizes: Sequence[int]
                        fuse, autotune)
             for batch in batch_sizes for norm in norms for amp in amps for layout in layouts
             for compiled in compiles for fuse in fused for autotune in cudnn_benchmarks]
+
+
+def parse_row(text: str) -> Tuple[int, str, str, bool]:
+    """``"8:bf16:nhwc:1"`` -> ``(8, "bf16", "nhwc", True)``: batch size, precision, layout, compile."""
+    parts = text.split(":")
+    try:
+        batch, amp, layout, compiled = int(parts[0]), parts[1], parts[2], parse_bool(parts[3])
+        valid = len(parts) == 4 and batch >= 1 and amp in AMP_DTYPES and layout in LAYOUTS
+    except (ValueError, IndexError, argparse.ArgumentTypeError):
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"expected BATCH:PRECISION:LAYOUT:COMPILE, e.g. 8:bf16:nhwc:1 (precision "
+                                         f"{'/'.join(AMP_DTYPES)}, layout {'/'.join(LAYOUTS)}), got {text!r}")
+    return batch, amp, layout, compiled
 
 
 def main(argv=None) -> int:
@@ -206,12 +217,22 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=parse_positive_int, default=3,
                         help="untimed steps first, the first one timed on its own (compilation, autotuning)")
     add_device_argument(parser)
+    parser.add_argument("--rows", type=csv_of(parse_row), default=None, metavar="B:P:L:C,...",
+                        help="these rows, in this order, instead of the combinations: BATCH:PRECISION:LAYOUT:COMPILE "
+                             "each, e.g. 8:bf16:nhwc:1,2:off:nchw:0 (the norm, fused and cudnn.benchmark: the first "
+                             "value of their flags)")
     parser.add_argument("--no-mfu", action="store_true", help="skip the matrix-product peak, TFLOP/s and MFU")
     parser.add_argument("--output", default=None, help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
     fused = args.fused if args.fused is not None else [fused_sgd_available(torch.device(args.device))]
-    configs = configs_for(args.backbone, args.size, args.batch_size, args.recurrence, args.norm, args.amp, args.steps,
-                          args.warmup, args.device, args.layouts, args.compile, fused, args.cudnn_benchmark)
+    if args.rows:
+        configs = [StepConfig(args.backbone, args.size, batch, args.recurrence, args.norm[0], amp, args.steps,
+                              args.warmup, args.device, layout, compiled, fused[0], args.cudnn_benchmark[0])
+                   for batch, amp, layout, compiled in args.rows]
+    else:
+        configs = configs_for(args.backbone, args.size, args.batch_size, args.recurrence, args.norm, args.amp,
+                              args.steps, args.warmup, args.device, args.layouts, args.compile, fused,
+                              args.cudnn_benchmark)
     print(step_table(configs, mfu=not args.no_mfu, output=args.output))
     return EXIT_OK
 

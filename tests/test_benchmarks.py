@@ -1,5 +1,6 @@
 """The benchmarks: the measurement helper (timing, peak memory, process isolation), the model report's FLOP count,
 and each benchmark's table on a tiny configuration."""
+import argparse
 import os
 import time
 
@@ -101,6 +102,24 @@ def test_train_step_table_measures_each_configuration(capsys, tmp_path):
         tflops, mfu = float(row[10]), float(row[11].removesuffix("% of fp32"))
         assert tflops > 0 and 0 < mfu < 1000
         assert 0 < float(row[13].removesuffix(" GiB")) <= float(row[12].removesuffix(" GiB"))
+
+
+def test_train_step_rows_are_read_one_by_one():
+    assert train_step.parse_row("8:bf16:nhwc:1") == (8, "bf16", "nhwc", True)
+    assert train_step.parse_row("2:off:nchw:0") == (2, "off", "nchw", False)
+    for text in ("8:bf16:nhwc", "0:off:nchw:0", "2:fp8:nchw:0", "2:off:nhcw:0", "2:off:nchw:maybe", "x:off:nchw:0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BATCH:PRECISION:LAYOUT:COMPILE"):
+            train_step.parse_row(text)
+
+
+@pytest.mark.slow
+def test_train_step_rows_run_in_the_order_given(capsys):
+    argv = ["--backbone", "tiny", "--size", "33", "--rows", "2:off:nhwc:0,1:bf16:nchw:0", "--steps", "1",
+            "--warmup", "1", "--no-mfu", "--device", "cpu"]
+    assert train_step.main(argv) == 0
+    rows = [row for row in _table_rows(capsys.readouterr().out, "") if row[0].isdigit()]
+    assert [row[:4] for row in rows] == [["2", "bn", "fp32", "channels_last"], ["1", "bn", "bf16", "NCHW"]]
+    assert all(row[11] == "-" and float(row[10]) > 0 for row in rows)  # MFU left out, TFLOP/s kept
 
 
 @pytest.mark.slow
