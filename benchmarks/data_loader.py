@@ -126,7 +126,7 @@ def loader_table(dataset: CityscapesDataset, worker_counts: List[int], batch_siz
     if most > 0:
         per_worker = rates[most] / most
         lines += ["", f"At the {per_worker:.1f} images/s per worker of {most} workers, 100 images/s needs about "
-                      f"{-(-100 // per_worker):.0f} workers in all."]
+                      f"{-(-100 // per_worker):.0f} worker(s) in all."]
     return "\n".join(lines)
 
 

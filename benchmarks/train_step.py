@@ -179,18 +179,22 @@ def configs_for(backbone: str, size: Tuple[int, int], batch_sizes: Sequence[int]
             for compiled in compiles for fuse in fused for autotune in cudnn_benchmarks]
 
 
-def parse_row(text: str) -> Tuple[int, str, str, bool]:
-    """``"8:bf16:nhwc:1"`` -> ``(8, "bf16", "nhwc", True)``: batch size, precision, layout, compile."""
+def parse_row(text: str) -> Tuple[int, str, str, bool, Optional[bool], Optional[bool]]:
+    """``"8:bf16:nhwc:1"`` -> ``(8, "bf16", "nhwc", True, None, None)``: batch size, precision, layout, compile, and
+    optionally fused SGD and cudnn.benchmark (``"8:bf16:nhwc:0:0:1"``; None: the flags' first value)."""
     parts = text.split(":")
     try:
-        batch, amp, layout, compiled = int(parts[0]), parts[1], parts[2], parse_bool(parts[3])
-        valid = len(parts) == 4 and batch >= 1 and amp in AMP_DTYPES and layout in LAYOUTS
+        batch, amp, layout = int(parts[0]), parts[1], parts[2]
+        switches = [parse_bool(part) for part in parts[3:]]
+        valid = 4 <= len(parts) <= 6 and batch >= 1 and amp in AMP_DTYPES and layout in LAYOUTS
     except (ValueError, IndexError, argparse.ArgumentTypeError):
         valid = False
     if not valid:
-        raise argparse.ArgumentTypeError(f"expected BATCH:PRECISION:LAYOUT:COMPILE, e.g. 8:bf16:nhwc:1 (precision "
-                                         f"{'/'.join(AMP_DTYPES)}, layout {'/'.join(LAYOUTS)}), got {text!r}")
-    return batch, amp, layout, compiled
+        raise argparse.ArgumentTypeError(f"expected BATCH:PRECISION:LAYOUT:COMPILE[:FUSED[:CUDNN_BENCHMARK]], e.g. "
+                                         f"8:bf16:nhwc:1 (precision {'/'.join(AMP_DTYPES)}, layout "
+                                         f"{'/'.join(LAYOUTS)}, the switches 0/1), got {text!r}")
+    compiled, fused, autotune = (switches + [None, None])[:3]
+    return batch, amp, layout, compiled, fused, autotune
 
 
 def main(argv=None) -> int:
@@ -217,18 +221,20 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=parse_positive_int, default=3,
                         help="untimed steps first, the first one timed on its own (compilation, autotuning)")
     add_device_argument(parser)
-    parser.add_argument("--rows", type=csv_of(parse_row), default=None, metavar="B:P:L:C,...",
-                        help="these rows, in this order, instead of the combinations: BATCH:PRECISION:LAYOUT:COMPILE "
-                             "each, e.g. 8:bf16:nhwc:1,2:off:nchw:0 (the norm, fused and cudnn.benchmark: the first "
-                             "value of their flags)")
+    parser.add_argument("--rows", type=csv_of(parse_row), default=None, metavar="B:P:L:C[:F[:A]],...",
+                        help="these rows, in this order, instead of the combinations: BATCH:PRECISION:LAYOUT:COMPILE"
+                             "[:FUSED[:CUDNN_BENCHMARK]] each, e.g. 8:bf16:nhwc:1,2:off:nchw:0,8:bf16:nhwc:0:0 (the "
+                             "norm, and fused and cudnn.benchmark where a row leaves them out: their flags' first "
+                             "value)")
     parser.add_argument("--no-mfu", action="store_true", help="skip the matrix-product peak, TFLOP/s and MFU")
     parser.add_argument("--output", default=None, help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
     fused = args.fused if args.fused is not None else [fused_sgd_available(torch.device(args.device))]
     if args.rows:
         configs = [StepConfig(args.backbone, args.size, batch, args.recurrence, args.norm[0], amp, args.steps,
-                              args.warmup, args.device, layout, compiled, fused[0], args.cudnn_benchmark[0])
-                   for batch, amp, layout, compiled in args.rows]
+                              args.warmup, args.device, layout, compiled, fused[0] if fuse is None else fuse,
+                              args.cudnn_benchmark[0] if autotune is None else autotune)
+                   for batch, amp, layout, compiled, fuse, autotune in args.rows]
     else:
         configs = configs_for(args.backbone, args.size, args.batch_size, args.recurrence, args.norm, args.amp,
                               args.steps, args.warmup, args.device, args.layouts, args.compile, fused,

@@ -2,6 +2,8 @@
 and each benchmark's table on a tiny configuration."""
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -105,20 +107,23 @@ def test_train_step_table_measures_each_configuration(capsys, tmp_path):
 
 
 def test_train_step_rows_are_read_one_by_one():
-    assert train_step.parse_row("8:bf16:nhwc:1") == (8, "bf16", "nhwc", True)
-    assert train_step.parse_row("2:off:nchw:0") == (2, "off", "nchw", False)
-    for text in ("8:bf16:nhwc", "0:off:nchw:0", "2:fp8:nchw:0", "2:off:nhcw:0", "2:off:nchw:maybe", "x:off:nchw:0"):
+    assert train_step.parse_row("8:bf16:nhwc:1") == (8, "bf16", "nhwc", True, None, None)
+    assert train_step.parse_row("2:off:nchw:0:1") == (2, "off", "nchw", False, True, None)
+    assert train_step.parse_row("2:off:nchw:0:0:0") == (2, "off", "nchw", False, False, False)
+    for text in ("8:bf16:nhwc", "0:off:nchw:0", "2:fp8:nchw:0", "2:off:nhcw:0", "2:off:nchw:maybe", "x:off:nchw:0",
+                 "2:off:nchw:0:0:0:0"):
         with pytest.raises(argparse.ArgumentTypeError, match="BATCH:PRECISION:LAYOUT:COMPILE"):
             train_step.parse_row(text)
 
 
 @pytest.mark.slow
 def test_train_step_rows_run_in_the_order_given(capsys):
-    argv = ["--backbone", "tiny", "--size", "33", "--rows", "2:off:nhwc:0,1:bf16:nchw:0", "--steps", "1",
+    argv = ["--backbone", "tiny", "--size", "33", "--rows", "2:off:nhwc:0,1:bf16:nchw:0:1", "--steps", "1",
             "--warmup", "1", "--no-mfu", "--device", "cpu"]
     assert train_step.main(argv) == 0
     rows = [row for row in _table_rows(capsys.readouterr().out, "") if row[0].isdigit()]
-    assert [row[:4] for row in rows] == [["2", "bn", "fp32", "channels_last"], ["1", "bn", "bf16", "NCHW"]]
+    assert [row[:6] for row in rows] == [["2", "bn", "fp32", "channels_last", "no", "default"],
+                                         ["1", "bn", "bf16", "NCHW", "no", "fused"]]
     assert all(row[11] == "-" and float(row[10]) > 0 for row in rows)  # MFU left out, TFLOP/s kept
 
 
@@ -186,3 +191,29 @@ def test_data_loader_benchmark_times_samples_and_worker_counts(capsys, tmp_path)
     assert all(float(row[1]) > 0 for row in rows)
     assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / 2, abs=0.06)  # per worker
     assert "100 images/s needs about" in printed
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_every_step_quickly_and_keeps_rows_past_a_timeout(repo_root, tmp_path):
+    """QUICK=1 (tiny sizes; no compiled row, for time): every step's table, and the exit code; then timeouts: the
+    training step's keeps the rows it finished, and the steps after it still run."""
+    env = dict(os.environ, QUICK="1", PYTHON=sys.executable, TRAIN_ROWS="1:off:nchw:0,1:bf16:nhwc:0")
+    script = str(repo_root / "benchmarks" / "gpu_check_throughput.sh")
+    done = subprocess.run(["bash", script, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert files == ["data_loader.md", "gpu_check_throughput.log", "inference.md", "train_step.md"]
+    for heading in ("## prepare", "## train_step", "## data_loader", "## inference", "0 step(s) failed"):
+        assert heading in done.stdout
+    assert len([line for line in (tmp_path / "out" / "train_step.md").read_text().splitlines()
+                if line.startswith("| 1 |")]) == 2
+    assert "The same with cudnn.benchmark on:" in (tmp_path / "out" / "inference.md").read_text()
+    env.update(TIMEOUT_TRAIN="15", TIMEOUT_LOADER="1", TIMEOUT_INFERENCE="1",
+               TRAIN_ROWS="1:off:nchw:0,1:off:nhwc:0,1:off:nhwc:0,1:off:nhwc:0,1:off:nhwc:0")
+    done = subprocess.run(["bash", script, str(tmp_path / "stopped")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "(train_step: stopped by its 15 s timeout" in done.stdout
+    rows = [line for line in (tmp_path / "stopped" / "train_step.md").read_text().splitlines()
+            if line.startswith("| 1 |")]
+    assert 1 <= len(rows) < 5 and "3 step(s) failed" in done.stdout
+    assert "(inference: stopped by its 1 s timeout" in done.stdout  # the steps after a timeout still run
