@@ -53,13 +53,13 @@ class Features:
     device: str
 
     def random(self, generator: torch.Generator, channels: int) -> torch.Tensor:
-        t = torch.randn(self.n, channels, self.size, self.size, generator=generator)
-        return t.to(self.device, DTYPES[self.dtype]).contiguous(memory_format=LAYOUTS[self.layout])
+        t = torch.randn(self.n, channels, self.size, self.size, generator=generator, device=self.device)
+        return t.to(DTYPES[self.dtype]).contiguous(memory_format=LAYOUTS[self.layout])
 
 
 def build_workload(workload: str, implementation: str, features: Features):
     """(forward closure, inputs that need gradients, gradient of the output) for one table row."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(features.device).manual_seed(0)
     c = features.channels
     kernels = features.device
     if workload == "op":
