@@ -53,13 +53,13 @@ class Features:
     device: str
 
     def random(self, generator: torch.Generator, channels: int) -> torch.Tensor:
-        t = torch.randn(self.n, channels, self.size, self.size, generator=generator)
-        return t.to(self.device, DTYPES[self.dtype]).contiguous(memory_format=LAYOUTS[self.layout])
+        t = torch.randn(self.n, channels, self.size, self.size, generator=generator, device=self.device)
+        return t.to(DTYPES[self.dtype]).contiguous(memory_format=LAYOUTS[self.layout])
 
 
 def build_workload(workload: str, implementation: str, features: Features):
     """(forward closure, inputs that need gradients, gradient of the output) for one table row."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(features.device).manual_seed(0)
     c = features.channels
     kernels = features.device
     if workload == "op":
@@ -157,14 +157,20 @@ def run_benchmark(batches, dtypes, layouts, size, channels, repeats, device) -> 
                 features = Features(n, channels, size, dtype, layout, device)
                 plain = {}
                 for workload, implementation in ROWS:
-                    times, peaks = measure_row(workload, implementation, features, repeats)
+                    label = f"| {n} | {dtype} | {layout} | {WORKLOAD_LABELS[workload]} | {implementation} |"
+                    try:
+                        times, peaks = measure_row(workload, implementation, features, repeats)
+                    except Exception as error:  # one row fails (out of memory, no kernels): the others still run
+                        lines.append(f"{label} n/a: {type(error).__name__}: {str(error).splitlines()[0][:160]} |"
+                                     " | | | | |")
+                        print(lines[-1], file=sys.stderr, flush=True)
+                        continue
                     if implementation == "plain":
                         plain[workload] = (times, peaks)
-                    plain_times, plain_peaks = plain[BASELINE_WORKLOAD[workload]]
+                    plain_times, plain_peaks = plain.get(BASELINE_WORKLOAD[workload], (times, peaks))
                     memory_ratios = " / ".join(_ratio(peak, plain_peak) for peak, plain_peak in zip(peaks, plain_peaks))
                     lines.append(
-                        f"| {n} | {dtype} | {layout} | {WORKLOAD_LABELS[workload]} | {implementation} | "
-                        f"{times[0] * 1e3:.3f} | {times[1] * 1e3:.3f} | {peaks[0]:.0f} | {peaks[1]:.0f} | "
+                        f"{label} {times[0] * 1e3:.3f} | {times[1] * 1e3:.3f} | {peaks[0]:.0f} | {peaks[1]:.0f} | "
                         f"{plain_times[0] / times[0]:.2f}x / {plain_times[1] / times[1]:.2f}x | {memory_ratios} |"
                     )
                     print(lines[-1], file=sys.stderr, flush=True)  # progress; the whole table goes to stdout

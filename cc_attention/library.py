@@ -8,7 +8,9 @@ sets (the CPU code is built with ``-march=native``: a cache shared between diffe
 build to another) and whether the CUDA kernels are in it.
 
 The fake kernels say what each operator returns (shapes, dtypes, strides) without computing it: ``torch.compile``
-and ``torch.export`` trace the operators with them.
+and ``torch.export`` trace the operators with them. Inductor's on-disk cache keys compiled graphs without the fake
+kernels' code: after changing one, clear the cache (``$TORCHINDUCTOR_CACHE_DIR``, by default
+``/tmp/torchinductor_<user>``).
 """
 import hashlib
 import logging
@@ -194,9 +196,17 @@ def _empty_features(like: torch.Tensor, sizes=None) -> torch.Tensor:
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _attention_blocks(features: torch.Tensor):
+BLOCK_ALIGNMENT = 8  # csrc/ops.cpp pads the last dimension of the attention buffers to a multiple of this
+
+
+def _attention_buffers(features: torch.Tensor):
+    """The saved attention of the fused op: ``(N, H, W, W')`` and ``(N, W, H, H')``, W' and H' padded."""
     n, _, height, width = features.shape
-    return (features.new_empty(n, height, width, width), features.new_empty(n, width, height, height))
+
+    def padded(keys):
+        return (keys + BLOCK_ALIGNMENT - 1) // BLOCK_ALIGNMENT * BLOCK_ALIGNMENT
+
+    return (features.new_empty(n, height, width, padded(width)), features.new_empty(n, width, height, padded(height)))
 
 
 def _register_fake_kernels() -> None:
@@ -208,7 +218,7 @@ def _register_fake_kernels() -> None:
 
     @register("ccnet::criss_cross_attention_forward")
     def _(query, key, value):
-        return (_empty_features(value), *_attention_blocks(value))
+        return (_empty_features(value), *_attention_buffers(value))
 
     @register("ccnet::criss_cross_attention_backward")
     def _(grad_out, query, key, value, attention_rows, attention_columns):

@@ -227,11 +227,19 @@ def test_registered_operators_pass_torch_library_opcheck(device):
     torch.library.opcheck(torch.ops.ccnet.ca_map.default, (attention, value))
 
 
+@pytest.fixture
+def no_compile_caches():
+    """torch.compile without Inductor's on-disk caches: they key compiled graphs without the fake kernels' code."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", FORMATS)
-def test_compile_fullgraph_of_the_module_matches_eager(layout):
+def test_compile_fullgraph_of_the_module_matches_eager(layout, no_compile_caches):
     _require_kernels("cpu")
-    torch._dynamo.reset()
     torch.manual_seed(0)
     module = CrissCrossAttention(16)
     torch.nn.init.constant_(module.gamma, 0.7)
@@ -248,9 +256,8 @@ def test_compile_fullgraph_of_the_module_matches_eager(layout):
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_of_the_tiny_ccnet_matches_eager():
+def test_compile_fullgraph_of_the_tiny_ccnet_matches_eager(no_compile_caches):
     _require_kernels("cpu")
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model("ccnet", "tiny", num_classes=5, recurrence=2, norm="bn").eval()
     images = torch.randn(1, 3, 65, 65)

@@ -8,6 +8,9 @@
 //   columns (N, W, H, H): columns[n, x, y, y'] -- the keys on its column; the diagonal y' = y is not a key (the
 //                                                  pixel is already a row key): its attention is zero.
 //
+// The last dimension of each block is contiguous; the blocks are views of buffers padded along it (ops.cpp), so
+// that every matrix is 16-byte aligned.
+//
 // The public layout (N, H+W-1, H, W) of ca_weight / ca_map -- channels [0, W) the row keys, [W, W+H-1) the column
 // keys y' != y in increasing order -- is converted to and from the blocks in ops.cpp.
 #pragma once

@@ -35,6 +35,33 @@ const DeviceKernels& kernels_for(const Tensor& t) {
   return *registered_kernels[slot];
 }
 
+// The attention blocks rows (N, H, W, W) and columns (N, W, H, H) are views of contiguous buffers whose last
+// dimension is padded to a multiple of 8 elements, so that every matrix starts 16-byte aligned and has an aligned
+// leading dimension (what cuBLAS's fastest 16-bit kernels need; 97 keys would give none). The fused forward
+// returns the buffers (dense tensors, for autograd to save and compilers to trace); the fake kernels in Python
+// allocate the same shapes.
+constexpr int64_t kBlockAlignment = 8;
+
+int64_t padded(int64_t keys) { return (keys + kBlockAlignment - 1) / kBlockAlignment * kBlockAlignment; }
+
+// (N, H, W, padded W) and (N, W, H, padded H) for features (N, C, H, W).
+Tensor empty_rows_buffer(const Tensor& features) {
+  return at::empty({features.size(0), features.size(2), features.size(3), padded(features.size(3))},
+                   features.options());
+}
+
+Tensor empty_columns_buffer(const Tensor& features) {
+  return at::empty({features.size(0), features.size(3), features.size(2), padded(features.size(2))},
+                   features.options());
+}
+
+// The block in a buffer: its first `keys` entries of the last dimension.
+Tensor block_of(const Tensor& buffer, int64_t keys) { return buffer.narrow(3, 0, keys); }
+
+Tensor empty_rows(const Tensor& features) { return block_of(empty_rows_buffer(features), features.size(3)); }
+
+Tensor empty_columns(const Tensor& features) { return block_of(empty_columns_buffer(features), features.size(2)); }
+
 // ---------------------------------------------------------------------------------------------------------------
 // Checks (the Python functions check their arguments first, with messages for users; these guard the kernels).
 
@@ -61,13 +88,14 @@ void check_attention_inputs(const Tensor& query, const Tensor& key, const Tensor
   check_alike(query, "query", value, "value");
 }
 
-void check_blocks(const Tensor& rows, const Tensor& columns, const Tensor& features) {
+void check_saved_blocks(const Tensor& rows_buffer, const Tensor& columns_buffer, const Tensor& features) {
   const int64_t N = features.size(0), H = features.size(2), W = features.size(3);
-  TORCH_CHECK(rows.sizes() == at::IntArrayRef({N, H, W, W}) && columns.sizes() == at::IntArrayRef({N, W, H, H}) &&
-                  rows.is_contiguous() && columns.is_contiguous() && rows.scalar_type() == features.scalar_type() &&
-                  columns.scalar_type() == features.scalar_type(),
-              "ccnet: attention blocks must be contiguous (N, H, W, W) and (N, W, H, H) of the features' dtype, got ",
-              rows.sizes(), " and ", columns.sizes());
+  TORCH_CHECK(rows_buffer.sizes() == at::IntArrayRef({N, H, W, padded(W)}) &&
+                  columns_buffer.sizes() == at::IntArrayRef({N, W, H, padded(H)}) && rows_buffer.is_contiguous() &&
+                  columns_buffer.is_contiguous() && rows_buffer.scalar_type() == features.scalar_type() &&
+                  columns_buffer.scalar_type() == features.scalar_type(),
+              "ccnet: the saved attention must be the forward's contiguous (N, H, W, W padded) and (N, W, H, H "
+              "padded) buffers of the features' dtype, got ", rows_buffer.sizes(), " and ", columns_buffer.sizes());
 }
 
 void check_public_attention(const Tensor& attention, const Tensor& value) {
@@ -107,16 +135,6 @@ void write_features(const DeviceKernels& kernels, Tensor& out, Product product) 
   out.copy_(work);
 }
 
-Tensor empty_rows(const Tensor& features) {
-  const int64_t W = features.size(3);
-  return at::empty({features.size(0), features.size(2), W, W}, features.options());
-}
-
-Tensor empty_columns(const Tensor& features) {
-  const int64_t H = features.size(2);
-  return at::empty({features.size(0), features.size(3), H, H}, features.options());
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // The public layout (N, H+W-1, H, W) and the blocks.
 
@@ -141,11 +159,15 @@ Tensor blocks_to_public(const Tensor& rows, const Tensor& columns) {
 
 TensorPair public_to_blocks(const Tensor& attention) {
   const int64_t N = attention.size(0), H = attention.size(2), W = attention.size(3);
-  Tensor rows = attention.narrow(1, 0, W).permute({0, 2, 3, 1}).contiguous();
+  Tensor rows = empty_rows(attention), columns = empty_columns(attention);
+  rows.copy_(attention.narrow(1, 0, W).permute({0, 2, 3, 1}));
   Tensor by_key_row = at::zeros({N, H, H, W}, attention.options());  // [n, y', y, x], zero where y' == y
   if (H > 1) by_key_row.scatter_(1, column_key_index(N, H, W, attention.device()), attention.narrow(1, W, H - 1));
-  return {rows, by_key_row.permute({0, 3, 2, 1}).contiguous()};
+  columns.copy_(by_key_row.permute({0, 3, 2, 1}));
+  return {rows, columns};
 }
+
+
 
 // ---------------------------------------------------------------------------------------------------------------
 // The operators' device kernels: the same code for every device, on its DeviceKernels.
@@ -153,13 +175,14 @@ TensorPair public_to_blocks(const Tensor& attention) {
 TensorTriple attention_forward(const Tensor& query, const Tensor& key, const Tensor& value) {
   check_attention_inputs(query, key, value);
   const DeviceKernels& kernels = kernels_for(value);
-  Tensor rows = empty_rows(value), columns = empty_columns(value);
+  const Tensor rows_buffer = empty_rows_buffer(value), columns_buffer = empty_columns_buffer(value);
+  Tensor rows = block_of(rows_buffer, value.size(3)), columns = block_of(columns_buffer, value.size(2));
   kernels.affinity(operand(kernels, query), operand(kernels, key), rows, columns);
   kernels.softmax_(rows, columns);
   Tensor out = empty_features(value);
   const Tensor v = operand(kernels, value);
   write_features(kernels, out, [&](Tensor& target) { kernels.gather(rows, columns, v, target); });
-  return {out, rows, columns};
+  return {out, rows_buffer, columns_buffer};
 }
 
 Tensor attention_output(const Tensor& query, const Tensor& key, const Tensor& value) {
@@ -167,13 +190,14 @@ Tensor attention_output(const Tensor& query, const Tensor& key, const Tensor& va
 }
 
 TensorTriple attention_backward(const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value,
-                                const Tensor& rows, const Tensor& columns) {
+                                const Tensor& rows_buffer, const Tensor& columns_buffer) {
   check_attention_inputs(query, key, value);
-  check_blocks(rows, columns, value);
+  check_saved_blocks(rows_buffer, columns_buffer, value);
+  const Tensor rows = block_of(rows_buffer, value.size(3)), columns = block_of(columns_buffer, value.size(2));
   const DeviceKernels& kernels = kernels_for(value);
   const Tensor g = operand(kernels, grad_out.to(value.scalar_type()));
   const Tensor v = operand(kernels, value);
-  Tensor grad_rows = at::empty_like(rows), grad_columns = at::empty_like(columns);
+  Tensor grad_rows = empty_rows(value), grad_columns = empty_columns(value);
   kernels.affinity(g, v, grad_rows, grad_columns);  // the gradient of the attention
   Tensor grad_value = empty_features(value);
   write_features(kernels, grad_value, [&](Tensor& target) { kernels.scatter(rows, columns, g, target); });

@@ -184,48 +184,66 @@ constexpr int64_t kChannelsPerPass = 32;
 
 int64_t channels_per_pass(int64_t c_stride, int64_t C) { return c_stride == 1 ? std::max<int64_t>(C, 1) : kChannelsPerPass; }
 
+// The attention blocks of one image: rows[y][x][x'] at rows + y * row_y + x * row_x + x', columns[x][y][y'] at
+// columns + x * column_x + y * column_y + y' (the last dimension is contiguous; rows may be padded).
+template <typename T>
+struct Blocks {
+  T* rows;
+  int64_t row_y, row_x;
+  T* columns;
+  int64_t column_x, column_y;
+};
+
+template <typename T>
+Blocks<T> blocks(const at::Tensor& rows, const at::Tensor& columns, int64_t n) {
+  using Element = std::remove_const_t<T>;
+  return {rows.data_ptr<Element>() + n * rows.stride(0), rows.stride(1), rows.stride(2),
+          columns.data_ptr<Element>() + n * columns.stride(0), columns.stride(1), columns.stride(2)};
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// The three products for one image. rows: (H, W, W), columns: (W, H, H), contiguous.
+// The three products for one image.
 
 // rows[y][x][x'] = <a[:, y, x], b[:, y, x']>, columns[x][y][y'] = <a[:, y, x], b[:, y', x]>.
 template <typename T>
-void affinity_plane(Plane<const T> a, Plane<const T> b, T* rows, T* columns, int64_t C, int64_t H, int64_t W) {
+void affinity_plane(Plane<const T> a, Plane<const T> b, Blocks<T> out, int64_t C, int64_t H, int64_t W) {
   // Per y: (W x C) x (C x W).
-  gemm<T>(a.data, {a.y_stride, a.x_stride, a.c_stride}, b.data, {b.y_stride, b.c_stride, b.x_stride}, rows,
-          {W * W, W, 1}, H, W, C, W, false);
+  gemm<T>(a.data, {a.y_stride, a.x_stride, a.c_stride}, b.data, {b.y_stride, b.c_stride, b.x_stride}, out.rows,
+          {out.row_y, out.row_x, 1}, H, W, C, W, false);
   // Per x: (H x C) x (C x H), in passes over the channels.
   const int64_t pass = channels_per_pass(a.c_stride, C);
   for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += pass)
     gemm<T>(a.data + c0 * a.c_stride, {a.x_stride, a.y_stride, a.c_stride}, b.data + c0 * b.c_stride,
-            {b.x_stride, b.c_stride, b.y_stride}, columns, {H * H, H, 1}, W, H, std::min(pass, C - c0), H, c0 > 0);
+            {b.x_stride, b.c_stride, b.y_stride}, out.columns, {out.column_x, out.column_y, 1}, W, H,
+            std::min(pass, C - c0), H, c0 > 0);
 }
 
 // out[c, y, x] = sum_x' rows[y][x][x'] v[c, y, x'] + sum_y' columns[x][y][y'] v[c, y', x].
 template <typename T>
-void gather_plane(const T* rows, const T* columns, Plane<const T> v, Plane<T> out, int64_t C, int64_t H, int64_t W) {
+void gather_plane(Blocks<const T> attention, Plane<const T> v, Plane<T> out, int64_t C, int64_t H, int64_t W) {
   // Per y: (C x W') x (W' x W), the row block read transposed.
-  gemm<T>(v.data, {v.y_stride, v.c_stride, v.x_stride}, rows, {W * W, 1, W}, out.data,
-          {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
+  gemm<T>(v.data, {v.y_stride, v.c_stride, v.x_stride}, attention.rows, {attention.row_y, 1, attention.row_x},
+          out.data, {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
   // Per x: (C x H') x (H' x H), the column block read transposed, in passes over the channels.
   const int64_t pass = channels_per_pass(v.c_stride, C);
   for (int64_t c0 = 0; c0 < C; c0 += pass)
-    gemm<T>(v.data + c0 * v.c_stride, {v.x_stride, v.c_stride, v.y_stride}, columns, {H * H, 1, H},
-            out.data + c0 * out.c_stride, {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H,
-            true);
+    gemm<T>(v.data + c0 * v.c_stride, {v.x_stride, v.c_stride, v.y_stride}, attention.columns,
+            {attention.column_x, 1, attention.column_y}, out.data + c0 * out.c_stride,
+            {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H, true);
 }
 
 // out[c, y, x'] = sum_x g[c, y, x] rows[y][x][x'] + (at (y', x)) sum_y g[c, y, x] columns[x][y][y'].
 template <typename T>
-void scatter_plane(const T* rows, const T* columns, Plane<const T> g, Plane<T> out, int64_t C, int64_t H, int64_t W) {
+void scatter_plane(Blocks<const T> attention, Plane<const T> g, Plane<T> out, int64_t C, int64_t H, int64_t W) {
   // Per y: (C x W) x (W x W').
-  gemm<T>(g.data, {g.y_stride, g.c_stride, g.x_stride}, rows, {W * W, W, 1}, out.data,
-          {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
+  gemm<T>(g.data, {g.y_stride, g.c_stride, g.x_stride}, attention.rows, {attention.row_y, attention.row_x, 1},
+          out.data, {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
   // Per x: (C x H) x (H x H'), in passes over the channels.
   const int64_t pass = channels_per_pass(g.c_stride, C);
   for (int64_t c0 = 0; c0 < C; c0 += pass)
-    gemm<T>(g.data + c0 * g.c_stride, {g.x_stride, g.c_stride, g.y_stride}, columns, {H * H, H, 1},
-            out.data + c0 * out.c_stride, {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H,
-            true);
+    gemm<T>(g.data + c0 * g.c_stride, {g.x_stride, g.c_stride, g.y_stride}, attention.columns,
+            {attention.column_x, attention.column_y, 1}, out.data + c0 * out.c_stride,
+            {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H, true);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -241,8 +259,7 @@ void affinity_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ccnet_affinity_cpu", [&] {
     for (int64_t n = 0; n < a.size(0); ++n)
       affinity_plane<scalar_t>(plane<const scalar_t>(a, n), plane<const scalar_t>(b, n),
-                               rows.data_ptr<scalar_t>() + n * H * W * W, columns.data_ptr<scalar_t>() + n * W * H * H,
-                               C, H, W);
+                               blocks<scalar_t>(rows, columns, n), C, H, W);
   });
 }
 
@@ -251,8 +268,8 @@ void gather_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Ten
   const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ccnet_gather_cpu", [&] {
     for (int64_t n = 0; n < v.size(0); ++n)
-      gather_plane<scalar_t>(rows.data_ptr<scalar_t>() + n * H * W * W, columns.data_ptr<scalar_t>() + n * W * H * H,
-                             plane<const scalar_t>(v, n), plane<scalar_t>(out, n), C, H, W);
+      gather_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(v, n),
+                             plane<scalar_t>(out, n), C, H, W);
   });
 }
 
@@ -261,8 +278,8 @@ void scatter_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Te
   const int64_t C = g.size(1), H = g.size(2), W = g.size(3);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "ccnet_scatter_cpu", [&] {
     for (int64_t n = 0; n < g.size(0); ++n)
-      scatter_plane<scalar_t>(rows.data_ptr<scalar_t>() + n * H * W * W, columns.data_ptr<scalar_t>() + n * W * H * H,
-                              plane<const scalar_t>(g, n), plane<scalar_t>(out, n), C, H, W);
+      scatter_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(g, n),
+                              plane<scalar_t>(out, n), C, H, W);
   });
 }
 

@@ -48,26 +48,37 @@ __device__ __forceinline__ void merge_exp(acc_t& maximum, acc_t& sum, acc_t othe
   maximum = merged;
 }
 
-// The pixel (n, y, x) = `pixel` (row-major) and pointers to its row keys (W) and column keys (H, the diagonal y).
+// Where the attention blocks keep a pixel's keys: rows[n, y, x, :] at n * rows_n + y * rows_y + x * rows_x and
+// columns[n, x, y, :] at n * columns_n + x * columns_x + y * columns_y (the last dimension contiguous).
+struct BlockStrides {
+  int64_t rows_n, rows_y, rows_x, columns_n, columns_x, columns_y;
+};
+
+BlockStrides block_strides(const at::Tensor& rows, const at::Tensor& columns) {
+  return {rows.stride(0), rows.stride(1), rows.stride(2), columns.stride(0), columns.stride(1), columns.stride(2)};
+}
+
+// The pixel (n, y, x) = `pixel` (row-major): offsets of its row keys (W) and column keys (H, the diagonal at y).
 struct PixelKeys {
   int64_t row_offset, column_offset, y;
 };
 
-__device__ __forceinline__ PixelKeys pixel_keys(int64_t pixel, int64_t H, int64_t W) {
+__device__ __forceinline__ PixelKeys pixel_keys(int64_t pixel, int64_t H, int64_t W, const BlockStrides& strides) {
   const int64_t x = pixel % W, y = (pixel / W) % H, n = pixel / (W * H);
-  return {pixel * W, ((n * W + x) * H + y) * H, y};
+  return {n * strides.rows_n + y * strides.rows_y + x * strides.rows_x,
+          n * strides.columns_n + x * strides.columns_x + y * strides.columns_y, y};
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
-    joint_softmax_kernel(scalar_t* __restrict__ rows, scalar_t* __restrict__ columns, int64_t pixels, int64_t H,
-                         int64_t W) {
+    joint_softmax_kernel(scalar_t* __restrict__ rows, scalar_t* __restrict__ columns, BlockStrides strides,
+                         int64_t pixels, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t pixel = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; pixel < pixels;
        pixel += step) {
-    const PixelKeys keys = pixel_keys(pixel, H, W);
+    const PixelKeys keys = pixel_keys(pixel, H, W, strides);
     scalar_t* row = rows + keys.row_offset;
     scalar_t* column = columns + keys.column_offset;
     acc_t maximum = -std::numeric_limits<acc_t>::infinity(), sum = 0;
@@ -91,13 +102,13 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     joint_softmax_backward_kernel(scalar_t* __restrict__ grad_rows, scalar_t* __restrict__ grad_columns,
                                   const scalar_t* __restrict__ rows, const scalar_t* __restrict__ columns,
-                                  int64_t pixels, int64_t H, int64_t W) {
+                                  BlockStrides strides, int64_t pixels, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t pixel = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize; pixel < pixels;
        pixel += step) {
-    const PixelKeys keys = pixel_keys(pixel, H, W);
+    const PixelKeys keys = pixel_keys(pixel, H, W, strides);
     scalar_t* grad_row = grad_rows + keys.row_offset;
     scalar_t* grad_column = grad_columns + keys.column_offset;
     const scalar_t* row = rows + keys.row_offset;
@@ -129,7 +140,7 @@ void softmax_cuda_(at::Tensor& rows, at::Tensor& columns) {
                                   "ccnet_softmax_cuda", [&] {
     joint_softmax_kernel<scalar_t><<<blocks_for(pixels), kWarpsPerBlock * kWarpSize, 0,
                                      c10::cuda::getCurrentCUDAStream()>>>(
-        rows.data_ptr<scalar_t>(), columns.data_ptr<scalar_t>(), pixels, H, W);
+        rows.data_ptr<scalar_t>(), columns.data_ptr<scalar_t>(), block_strides(rows, columns), pixels, H, W);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -144,7 +155,7 @@ void softmax_backward_cuda_(at::Tensor& grad_rows, at::Tensor& grad_columns, con
     joint_softmax_backward_kernel<scalar_t><<<blocks_for(pixels), kWarpsPerBlock * kWarpSize, 0,
                                               c10::cuda::getCurrentCUDAStream()>>>(
         grad_rows.data_ptr<scalar_t>(), grad_columns.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(),
-        columns.data_ptr<scalar_t>(), pixels, H, W);
+        columns.data_ptr<scalar_t>(), block_strides(rows, columns), pixels, H, W);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
