@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The throughput check of issue 9 on one GPU: the training-step table, the data-loader table and the inference table.
 #
-#     bash benchmarks/gpu_check_throughput.sh OUT_DIR            # CCNet-R101 on the GPU: 5-6 minutes on an H100
+#     bash benchmarks/gpu_check_throughput.sh OUT_DIR            # CCNet-R101 on the GPU: about 5 minutes (325 s)
 #     QUICK=1 bash benchmarks/gpu_check_throughput.sh OUT_DIR    # the tiny backbone and small sizes (a CPU will do)
 #
 # Runs from the repository root, in this order, each step under its own `timeout` (a step that fails or runs long
@@ -17,9 +17,12 @@
 # OUT_DIR/gpu_check_throughput.log, whose tail is printed when a step fails. Four files in all. Exit code 0 when
 # every step finished, else 1.
 #
-# Environment: PYTHON (default python3), QUICK=1, the timeouts TIMEOUT_PREPARE (150 s), TIMEOUT_TRAIN (240),
-# TIMEOUT_LOADER (75), TIMEOUT_INFERENCE (75): 540 s at most, and TRAIN_ROWS (benchmarks.train_step --rows) to change
-# the training-step rows.
+# Environment: PYTHON (default python3), QUICK=1, TRAIN_ROWS (benchmarks.train_step --rows) to change the
+# training-step rows, and the time limits: BUDGET (325 s) for the whole script, within which each step has at most
+# TIMEOUT_PREPARE (150 s), TIMEOUT_TRAIN (240), TIMEOUT_LOADER (75), TIMEOUT_INFERENCE (75) and whatever the budget
+# has left after keeping RESERVE_LOADER (40) and RESERVE_INFERENCE (45) for the steps after it. With the kernels
+# already built the script takes about 5 minutes and ends within the budget; a first build (about a minute) comes
+# out of the training step's time.
 set -u
 
 OUT=${1:?usage: bash benchmarks/gpu_check_throughput.sh OUT_DIR}
@@ -51,6 +54,17 @@ fi
 ROWS=${TRAIN_ROWS:-$ROWS_DEFAULT}
 
 failures=0
+BUDGET=${BUDGET:-325} RESERVE_LOADER=${RESERVE_LOADER:-40} RESERVE_INFERENCE=${RESERVE_INFERENCE:-45}
+
+# limit MAX KEEP: a step's time limit: MAX seconds, or less so that KEEP seconds of the budget remain (at least 10)
+limit() {
+    local left=$((BUDGET - SECONDS - $2))
+    if [ "$left" -lt "$1" ]; then
+        echo $((left > 10 ? left : 10))
+    else
+        echo "$1"
+    fi
+}
 
 # step NAME TIMEOUT MARKDOWN COMMAND...: run COMMAND under `timeout` (its whole process group; SIGKILL 15 s after
 # SIGTERM), stdout dropped (the tables go to MARKDOWN), stderr to the log; then print MARKDOWN under a heading, and
@@ -81,7 +95,8 @@ step() {
 PREPARED=$(mktemp)
 AUTOTUNED=$(mktemp)
 trap 'rm -f "$PREPARED" "$AUTOTUNED"' EXIT
-step prepare "${TIMEOUT_PREPARE:-150}" "$PREPARED" "$PYTHON" -c '
+step prepare "$(limit "${TIMEOUT_PREPARE:-150}" $((RESERVE_LOADER + RESERVE_INFERENCE + 60)))" "$PREPARED" \
+    "$PYTHON" -c '
 import os, sys, time
 import torch
 from cc_attention import library
@@ -95,14 +110,14 @@ with open(sys.argv[1], "w") as out:
           file=out)
 ' "$PREPARED"
 
-step train_step "${TIMEOUT_TRAIN:-240}" "$OUT/train_step.md" "$PYTHON" -m benchmarks.train_step "${MODEL[@]}" \
-    "${TRAIN[@]}" --rows "$ROWS" --output "$OUT/train_step.md"
+step train_step "$(limit "${TIMEOUT_TRAIN:-240}" $((RESERVE_LOADER + RESERVE_INFERENCE)))" "$OUT/train_step.md" \
+    "$PYTHON" -m benchmarks.train_step "${MODEL[@]}" "${TRAIN[@]}" --rows "$ROWS" --output "$OUT/train_step.md"
 
-step data_loader "${TIMEOUT_LOADER:-75}" "$OUT/data_loader.md" "$PYTHON" -m benchmarks.data_loader "${LOADER[@]}" \
-    --output "$OUT/data_loader.md"
+step data_loader "$(limit "${TIMEOUT_LOADER:-75}" "$RESERVE_INFERENCE")" "$OUT/data_loader.md" \
+    "$PYTHON" -m benchmarks.data_loader "${LOADER[@]}" --output "$OUT/data_loader.md"
 
 # two runs, one table: every row with cudnn.benchmark off (the tools' setting), then bf16 channels_last with it on
-step inference "${TIMEOUT_INFERENCE:-75}" "$OUT/inference.md" bash -c '
+step inference "$(limit "${TIMEOUT_INFERENCE:-75}" 0)" "$OUT/inference.md" bash -c '
 table=$1 autotuned=$2
 shift 2
 "$@" --tile-batch 1,8 --output "$table" || exit

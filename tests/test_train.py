@@ -190,22 +190,23 @@ def test_channels_last_trains_as_nchw_does(demo, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_compile_and_channels_last_train_as_eager_nchw_does(demo, tmp_path, capsys, monkeypatch):
+def test_compile_and_channels_last_train_as_eager_nchw_does(demo, tmp_path, capsys):
     """--compile 1 --channels-last 1 against the eager NCHW run: the same training within float tolerance (the
-    compiled dropout draws eager's random numbers: inductor's fallback_random)."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    compiled dropout draws eager's random numbers: inductor's fallback_random). Without Inductor's on-disk caches:
+    they key compiled graphs without the code of the op's fake kernels (another checkout's could be served)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     augment = ("--random-mirror", "--save-pred-every", "1")
-    _trained(argv_for(demo, tmp_path / "eager", *augment, steps=3))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
-    _trained(argv_for(demo, tmp_path / "compiled", *augment, "--compile", "1", "--channels-last", "1", steps=3))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step was compiled
+    with torch._inductor.config.patch(fallback_random=True, force_disable_caches=True):
+        _trained(argv_for(demo, tmp_path / "eager", *augment, steps=3))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+        _trained(argv_for(demo, tmp_path / "compiled", *augment, "--compile", "1", "--channels-last", "1", steps=3))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step was compiled
+    torch._dynamo.reset()
     output = capsys.readouterr()
     assert "channels_last, torch.compile on" in output.err
     assert "iteration 1 (the first of this run) took" in output.out and "torch.compile included" in output.out
     _assert_same_training(tmp_path / "eager", tmp_path / "compiled")
-    torch._dynamo.reset()
 
 
 def test_channels_last_auto_and_the_optimizer_state_of_another_run():
