@@ -177,16 +177,21 @@ def _assert_same_training(expected_dir, actual_dir):
         torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_channels_last_trains_as_nchw_does(demo, tmp_path, capsys):
-    """3 steps with dropout, random scale and mirror: the same training within float tolerance."""
-    augment = ("--random-mirror", "--random-scale", "--save-pred-every", "1")
-    nchw_model = _trained(argv_for(demo, tmp_path / "nchw", *augment, steps=3))
-    assert not nchw_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # auto: off on the CPU
+def test_channels_last_trains_as_nchw_does(demo, tmp_path, capsys, device, monkeypatch):
+    """3 steps with dropout, random scale and mirror: the same training within float tolerance (on a GPU: float32
+    convolutions, not TF32; the SGD step fused)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    augment = ("--random-mirror", "--random-scale", "--save-pred-every", "1", "--gpu",
+               "0" if device.type == "cuda" else "cpu")
+    nchw_model = _trained(argv_for(demo, tmp_path / "nchw", *augment, "--channels-last", "0", steps=3))
+    assert not nchw_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     nhwc_model = _trained(argv_for(demo, tmp_path / "nhwc", *augment, "--channels-last", "1", steps=3))
-    assert "channels_last, torch.compile off" in capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert "channels_last, torch.compile off" in log and ("fused SGD" in log) == (device.type == "cuda")
     assert nhwc_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert nhwc_model.layer4[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
     _assert_same_training(tmp_path / "nchw", tmp_path / "nhwc")
+    assert use_channels_last(None, torch.device("cpu")) is False  # what --channels-last auto gives on the CPU
 
 
 @pytest.mark.slow
