@@ -99,8 +99,8 @@ def build_parser() -> ArgumentParser:
                        help="model and input batches in the channels_last (NHWC) memory format; auto: on for CUDA "
                             "(except with InPlaceABN), off on the CPU")
     speed.add_argument("--compile", type=parse_bool, default=False, metavar="0|1",
-                       help="torch.compile the forward pass and the loss (the first iteration then takes minutes on "
-                            "a GPU: its time is logged)")
+                       help="torch.compile the forward pass and the loss (the first iteration then compiles: a "
+                            "minute or more for ResNet-101; its time is logged)")
 
     run = parser.add_argument_group("run")
     add_gpu_argument(run)

@@ -108,6 +108,7 @@ def test_defaults_are_the_papers():
             args.num_steps, args.save_pred_every, args.recurrence, args.ohem, args.ohem_thres, args.ohem_keep,
             args.num_classes, args.ignore_label, args.snapshot_dir, args.amp) == \
         (8, (769, 769), 1e-2, 0.9, 1e-4, 0.9, 60000, 10000, 2, False, 0.7, 100000, 19, 255, "snapshots/", "off")
+    assert args.channels_last is None and args.compile is False  # auto (on for CUDA), eager
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
