@@ -48,7 +48,7 @@ else
     # about 10 s, a compiled one 40-90 s)
     ROWS_DEFAULT=8:bf16:nhwc:0,8:off:nchw:0,2:off:nchw:0,2:bf16:nhwc:0,8:off:nhwc:0,8:bf16:nhwc:1,2:bf16:nhwc:1
     ROWS_DEFAULT=$ROWS_DEFAULT,8:bf16:nhwc:0:0,2:bf16:nhwc:0:1:0,8:bf16:nchw:0,8:off:nhwc:1
-    LOADER=()
+    LOADER=(--images 8)
     INFERENCE=(--repeats 5 --warmup 2)
 fi
 ROWS=${TRAIN_ROWS:-$ROWS_DEFAULT}

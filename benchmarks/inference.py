@@ -79,6 +79,7 @@ def inference_table(args) -> str:
              f"{args.repeats} after {args.warmup} warm-up.", "",
              f"| mode | precision | layout | tiles per pass | s per image | images/s | TFLOP/s | {memory} |",
              "|---|---|---|---|---|---|---|---|"]
+    write_lines(args.output, lines)
     for layout in args.layouts:
         for amp in args.amp:
             for mode in args.modes:

@@ -140,6 +140,7 @@ def step_table(configs: Sequence[StepConfig], mfu: bool = True, output: Optional
              "| batch | norm | precision | layout | compile | SGD | cudnn.benchmark | first step | step time "
              f"| images/s | TFLOP/s | MFU | {memory} | added by the steps |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    write_lines(output, lines)
     for config in configs:
         precision = "fp32" if config.amp == "off" else config.amp
         cells = (f"| {config.batch_size} | {config.norm} | {precision} | {LAYOUT_NAMES[config.layout]} | "
