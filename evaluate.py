@@ -29,7 +29,8 @@ from tqdm import tqdm
 from dataset.cityscapes import CityscapesDataset, DataError
 from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
 from dataset.predictions import save_label_ids_png, save_paletted_png
-from engine.snapshot import add_inference_arguments, add_model_arguments, build_and_load
+from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
+                             inference_model)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main
 from utils.distributed import all_reduce_sum, apply_gpu_choice, barrier, is_main_process, process_group, shard
@@ -44,6 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         help="list file, '<image>\\t<label>' lines (or '<image>' only: predict without scoring)")
     add_model_arguments(parser)
     add_inference_arguments(parser)
+    add_speed_arguments(parser)
     parser.add_argument("--batch-size", type=parse_positive_int, default=1,
                         help="images per forward pass (same-size images)")
     parser.add_argument("--num-workers", type=parse_non_negative_int, default=2,
@@ -74,7 +76,8 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     tile_size = None if args.whole else args.input_size
     conf = None
     for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
-        logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip)
+        logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip,
+                                args.tile_batch)
         prediction = logits.argmax(dim=1)  # (N, H, W) train ids
         if labels is not None:
             batch_conf = confusion_matrix(prediction, labels.to(device), args.num_classes, IGNORE_LABEL)
@@ -100,7 +103,7 @@ def run(args) -> None:
         if not labelled and not args.save_pred:
             raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write "
                             "predictions")
-        model = build_and_load(args, info.device, verbose=is_main_process())
+        model = inference_model(build_and_load(args, info.device, verbose=is_main_process()), args, info.device)
         start = time.time()
         conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
         if conf is not None:
@@ -123,7 +126,7 @@ def run(args) -> None:
                 write_result_json(result_path, scores, class_names, extra={
                     "snapshot": os.path.abspath(args.restore_from), "data_list": args.data_list,
                     "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
-                    "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence,
+                    "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence, "amp": args.amp,
                 })
                 print(f"result: {result_path}")
 

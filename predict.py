@@ -10,7 +10,7 @@ JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<s
 * ``<stem>_overlay.jpg``: the colours blended over the image (``--alpha``).
 
 Inference is evaluate.py's (sliding window of ``--input-size`` tiles by default, ``--whole``, ``--scales``,
-``--flip``).
+``--flip``; ``--channels-last``, ``--amp``).
 """
 import os
 import sys
@@ -21,7 +21,8 @@ import torch
 
 from dataset.predictions import overlay, save_paletted_png
 from dataset.transforms import image_to_tensor
-from engine.snapshot import add_inference_arguments, add_model_arguments, build_and_load
+from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
+                             inference_model)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_fraction, run_main
 from utils.distributed import apply_gpu_choice
@@ -60,6 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--alpha", type=parse_fraction, default=0.5, help="opacity of the colours in the overlays")
     add_model_arguments(parser)
     add_inference_arguments(parser)
+    add_speed_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -67,14 +69,15 @@ def run(args) -> None:
     """Segment the images ``args`` (from :func:`parse_args`) name; write the predictions and overlays."""
     images = find_images(args.inputs)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
-    model = build_and_load(args, device)
+    model = inference_model(build_and_load(args, device), args, device)
     tile_size = None if args.whole else args.input_size
     os.makedirs(args.output, exist_ok=True)
     for path in images:
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f"cannot read image {path}")
-        logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip)
+        logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
+                                args.tile_batch)
         train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         stem = os.path.splitext(os.path.basename(path))[0]
         save_paletted_png(os.path.join(args.output, stem + ".png"), train_ids)

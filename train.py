@@ -10,6 +10,7 @@ momentum 0.9, weight decay 1e-4, poly 0.9, 60000 iterations, R=2. Snapshots ``CS
 """
 import os
 import sys
+import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -17,12 +18,13 @@ from torch.utils.data import DataLoader
 
 from dataset.cityscapes import CityscapesDataset, DataError, worker_init_fn
 from dataset.sampler import ResumableDistributedSampler
-from engine.train_step import AMP_DTYPES, forward_loss, optimizer_step
+from engine.train_step import (AMP_DTYPES, compile_forward_loss, fused_sgd_available, load_optimizer_state, make_sgd,
+                               optimizer_step, use_channels_last)
 from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
-from utils.cli import (ArgumentParser, parse_bool, parse_fraction, parse_non_negative_int, parse_positive_int,
-                       parse_size, run_main)
+from utils.cli import (ArgumentParser, parse_auto_bool, parse_bool, parse_fraction, parse_non_negative_int,
+                       parse_positive_int, parse_size, run_main)
 from utils.distributed import (DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, barrier,
                                is_main_process, process_group)
 from utils.logger import TrainingLogger
@@ -87,9 +89,18 @@ def build_parser() -> ArgumentParser:
                        help="OHEM: keep pixels whose ground-truth probability is at most this (or the k-th smallest)")
     optim.add_argument("--ohem-keep", type=parse_non_negative_int, default=100000, help="OHEM: k, the minimum number of pixels kept")
     optim.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
-                       help="mixed precision: bf16 autocast, or fp16 autocast with gradient scaling")
+                       help="mixed precision: bf16 autocast (the fast recipe on GPUs with bfloat16 tensor cores; "
+                            "fp32, the default, is the faithful one), or fp16 autocast with gradient scaling")
     optim.add_argument("--random-seed", type=int, default=1234,
                        help="seed of the initialization, the data order and the augmentations")
+
+    speed = parser.add_argument_group("speed (the same training, computed faster; see docs/training.md)")
+    speed.add_argument("--channels-last", type=parse_auto_bool, default=None, metavar="auto|1|0",
+                       help="model and input batches in the channels_last (NHWC) memory format; auto: on for CUDA "
+                            "(except with InPlaceABN), off on the CPU")
+    speed.add_argument("--compile", type=parse_bool, default=False, metavar="0|1",
+                       help="torch.compile the forward pass and the loss (the first iteration then compiles: a "
+                            "minute or more for ResNet-101; its time is logged)")
 
     run = parser.add_argument_group("run")
     add_gpu_argument(run)
@@ -152,7 +163,7 @@ def _norm_kind(requested: str, world_size: int, device: torch.device) -> str:
     return kind
 
 
-def _build(args, norm: str, device: torch.device, log):
+def _build(args, norm: str, device: torch.device, channels_last: bool, log):
     torch.manual_seed(args.random_seed)  # the same initial weights on every rank
     model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, norm)
     if args.resume is None and args.restore_from:
@@ -161,9 +172,9 @@ def _build(args, norm: str, device: torch.device, log):
         else:
             log(f"warning: --restore-from {args.restore_from}: no such file; training from scratch "
                 "(expect a much lower mIoU than with ImageNet weights)")
-    model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = make_sgd(model.parameters(), args.learning_rate, args.momentum, args.weight_decay,
+                         fused=fused_sgd_available(device))
     return model, optimizer
 
 
@@ -212,7 +223,7 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
     amp_dtype = AMP_DTYPES[args.amp]
     if args.amp == "fp16" and device.type != "cuda":
         raise TrainingError("--amp fp16 needs a GPU; use --amp bf16 on the CPU")
-    if device.type == "cuda":
+    if device.type == "cuda":  # fixed crops: every iteration has the shapes cuDNN's autotuning measured first
         torch.backends.cudnn.benchmark = True
 
     def log(text: str) -> None:
@@ -223,14 +234,15 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
     if args.amp == "bf16" and norm.startswith("inplace_abn"):
         raise TrainingError(f"--amp bf16 does not work with norm {norm} (InPlaceABN rejects bfloat16 "
                             "activations): use --norm bn (or syncbn), or --amp fp16 on a GPU")
+    channels_last = use_channels_last(args.channels_last, device, norm)
     dataset, sampler, loader, iterations_per_epoch = _make_loader(args, rank, world_size, device)
-    model, optimizer = _build(args, norm, device, log)
+    model, optimizer = _build(args, norm, device, channels_last, log)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_iteration = 0
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume)
         load_model_weights(model, checkpoint)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         _load_scaler_state(scaler, checkpoint.get("scaler") or {}, log)
         start_iteration = int(checkpoint["iteration"])
         _check_resumed_args(checkpoint.get("args", {}), args, log)
@@ -254,9 +266,14 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
                                           find_unused_parameters=args.model == "ccnet" and args.recurrence == 0)
     criterion = CriterionDSN(args.ignore_label, ohem=args.ohem, ohem_thresh=args.ohem_thres,
                              ohem_keep=args.ohem_keep)
+    forward_and_loss = compile_forward_loss(network, criterion, amp_dtype, args.compile)
     log(f"training {args.model}/{args.backbone} (norm {norm}) on {world_size} process(es), "
         f"{device.type}, {args.batch_size // world_size} images each; {len(dataset)} samples, "
         f"{iterations_per_epoch} iterations per epoch; iterations {start_iteration + 1}..{args.num_steps}")
+    log(f"precision {'fp32' if amp_dtype is None else args.amp}, "
+        f"{'channels_last' if channels_last else 'NCHW'}, torch.compile {'on' if args.compile else 'off'}, "
+        f"{'fused' if optimizer.defaults.get('fused') else 'foreach/for-loop'} SGD"
+        + (f", cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}" if device.type == "cuda" else ""))
     logger = TrainingLogger(args.log_dir, args.num_steps, start_iteration, enabled=main_process)
     last_snapshot = args.resume
     network.train()
@@ -264,11 +281,14 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
     try:
         for iteration in range(start_iteration, args.num_steps):
             images, labels, _ = next(batches)
+            first_started = time.perf_counter() if iteration == start_iteration else None
             images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
             lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
             set_lr(optimizer, lr)
-            loss = forward_loss(network, criterion, images, labels, amp_dtype)
+            loss = forward_and_loss(images, labels)
             # one all-reduce: the mean loss for the log, and whether any rank's loss is not finite
             stats = all_reduce_sum(torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()]))
             mean_loss, bad_ranks = stats[0].item() / world_size, int(stats[1].item())
@@ -277,6 +297,10 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
                                     f"stopped. Last good snapshot: {last_snapshot or 'none written yet'}")
             optimizer_step(loss, optimizer, scaler)
             done = iteration + 1
+            if first_started is not None:  # compilation (--compile) and cuDNN's autotuning happen here
+                seconds = time.perf_counter() - first_started
+                logger.message(f"iteration {done} (the first of this run) took {seconds:.1f} s"
+                               + (", torch.compile included" if args.compile else ""))
             logger.log(done, loss=mean_loss, lr=lr)
             if done % args.save_pred_every == 0 or done == args.num_steps:
                 rng_states = gather_rng_states(device, world_size)

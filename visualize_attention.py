@@ -27,22 +27,23 @@ import torch
 from cc_attention.reference import ca_map_reference, ca_weight_reference
 from dataset.predictions import overlay
 from dataset.transforms import image_to_tensor
-from engine.snapshot import add_model_arguments, build_and_load, load_snapshot
+from engine.snapshot import add_model_arguments, add_speed_arguments, build_and_load, inference_model, load_snapshot
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_point, parse_positive_float, run_main
 from utils.distributed import apply_gpu_choice
 from utils.logits import upsample_logits
 
 
-def capture_attention(model, images: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Run ``model`` on ``(1, 3, H, W)`` images; returns the attention of every criss-cross loop, each
-    ``(1, h+w-1, h, w)`` (softmax over dim 1), and the main logits ``(1, K, h, w)``."""
+def capture_attention(model, images: torch.Tensor, runner=None) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Run ``model`` (or ``runner``, e.g. an ``engine.snapshot.InferenceModel`` of it) on ``(1, 3, H, W)`` images;
+    returns the attention of every criss-cross loop, each ``(1, h+w-1, h, w)`` (softmax over dim 1, recomputed in
+    float32), and the main logits ``(1, K, h, w)``."""
     cca = model.head.cca
     inputs = []
-    hook = cca.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    hook = cca.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().float()))
     try:
         with torch.no_grad():
-            logits = model(images)[0]
+            logits = (runner or model)(images)[0]
             attentions = [torch.softmax(ca_weight_reference(cca.query_conv(x), cca.key_conv(x)), dim=1) for x in inputs]
     finally:
         hook.remove()
@@ -120,6 +121,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         help="resize the image first (e.g. 0.5 on a CPU)")
     parser.add_argument("--output", default=None, help="PNG to write (default: beside the image, <stem>_attention.png)")
     add_model_arguments(parser)
+    add_speed_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -147,7 +149,8 @@ def run(args) -> None:
     check_model_args(args)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
     model = build_and_load(args, device, checkpoint=checkpoint)
-    attentions, logits = capture_attention(model, image_to_tensor(image).to(device))
+    runner = inference_model(model, args, device)
+    attentions, logits = capture_attention(model, image_to_tensor(image).to(device), runner)
     train_ids = upsample_logits(logits, (height, width)).argmax(1)[0].to(torch.uint8).cpu().numpy()
     rows = []
     for point in args.point:

@@ -8,6 +8,10 @@
   (tensors only; the allocator's cache and the CUDA context are not counted).
 * :func:`run_isolated`: a call in a fresh process, so that a configuration's peak memory is its own and one that
   crashes (out of memory) does not take the others down.
+* :func:`count_gflops`: the FLOPs of one forward pass of CCNet, counted on the meta device.
+* :func:`write_lines`: a table's lines to its ``--output`` file (rewritten as rows come: a stopped run keeps them).
+* :func:`matmul_peak_tflops`, :func:`matmul_peaks`: the measured rate of a large matrix product, per precision: the
+  ceiling that MFU figures divide by.
 """
 import argparse
 import multiprocessing
@@ -15,9 +19,16 @@ import platform
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cc_attention import CrissCrossAttention
+from networks import build_model
+
+# The modules whose FLOPs count as "attention" in count_gflops (RCCA and the non-local comparison head).
+ATTENTION_MODULES = ("head.cca", "head.non_local")
 
 
 def default_device() -> str:
@@ -129,3 +140,62 @@ def run_isolated(function: Callable, *args):
     (``BrokenProcessPool`` when the process dies). ``function`` must be importable: a module's top-level function."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def count_gflops(name: str, backbone: str, recurrence: int, size: Tuple[int, int],
+                 training: bool = True) -> Dict[str, float]:
+    """GFLOPs of one forward pass of ``build_model(name, backbone, recurrence=recurrence)`` at batch 1 on a ``size``
+    input: ``{"total", "head", "attention"}``. Counted by ``FlopCounterMode`` on the meta device (shapes only):
+    convolutions and matrix products, 1 multiply-add = 2 FLOPs; element-wise work is not counted; the criss-cross
+    attention on its reference (einsum) path. ``training``: training mode, both heads (what a training step
+    computes); False: eval mode, without the auxiliary DSN head (what inference computes)."""
+    with torch.device("meta"):
+        model = build_model(name, backbone=backbone, recurrence=recurrence, norm="bn").train(training)
+        for module in model.modules():
+            if isinstance(module, CrissCrossAttention):
+                module.backend = "reference"
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, *size))
+    per_module = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
+    prefix = type(model).__name__ + "."
+    attention = sum(per_module.get(prefix + key, 0) for key in ATTENTION_MODULES)
+    return {
+        "total": counter.get_total_flops() / 1e9,
+        "head": per_module.get(prefix + "head", 0) / 1e9,
+        "attention": attention / 1e9,
+    }
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype, size: int, repeats: int = 10, tf32: bool = False) -> float:
+    """TFLOP/s of ``torch.mm`` of two ``size x size`` matrices of ``dtype`` on ``device`` (median of ``repeats``
+    after 3 warm-up calls; 2 * size**3 FLOPs a product). ``tf32``: float32 products on TF32 tensor cores (CUDA),
+    for this call only."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        times = time_calls(lambda: torch.mm(a, b), repeats, device, warmup=3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    times.sort()
+    return 2 * size ** 3 / times[len(times) // 2] / 1e12
+
+
+def matmul_peaks(device: str, size: Optional[int] = None) -> Dict[str, float]:
+    """The measured matrix-product peak of each precision on ``device``, TFLOP/s: ``bf16`` and ``fp32`` (true
+    float32), on CUDA also ``fp16`` and ``tf32``. ``size``: of the square matrices (default 8192 on a GPU, 1024 on
+    the CPU)."""
+    size = size or (8192 if device == "cuda" else 1024)
+    peaks = {"bf16": matmul_peak_tflops(device, torch.bfloat16, size)}
+    if device == "cuda":
+        peaks["fp16"] = matmul_peak_tflops(device, torch.float16, size)
+        peaks["tf32"] = matmul_peak_tflops(device, torch.float32, size, tf32=True)
+    peaks["fp32"] = matmul_peak_tflops(device, torch.float32, size)
+    return peaks
+
+
+def write_lines(path: Optional[str], lines: List[str]) -> None:
+    """Write ``lines`` (one per line) to ``path``, replacing it; nothing when ``path`` is None."""
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")

@@ -3,24 +3,24 @@
     python -m benchmarks.model_report                  # ResNet-101, 769x769 and 1024x2048, memory on cuda if present
     python -m benchmarks.model_report --skip-memory    # counts only (a few seconds)
 
-GFLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (shapes only, nothing is
-computed): convolutions and matrix products (the attention's einsum/bmm included), 1 multiply-add = 2 FLOPs, the
-convention of the paper's "RCCA: 16.5 GFLOPs" figure. Element-wise work (norms, activations, softmax) is not
-counted. The criss-cross attention is counted on its reference (einsum) path.
+GFLOPs are counted by ``benchmarks.measure.count_gflops`` (``torch.utils.flop_counter.FlopCounterMode`` on the meta
+device: shapes only, nothing is computed): convolutions and matrix products (the attention's einsum/bmm included),
+1 multiply-add = 2 FLOPs, the convention of the paper's "RCCA: 16.5 GFLOPs" figure. Element-wise work (norms,
+activations, softmax) is not counted. The criss-cross attention is counted on its reference (einsum) path. The
+forward pass is counted in training mode, with both heads (the auxiliary DSN head on layer3 included, as a
+training step computes it); in eval mode the network skips the DSN head.
 
 The memory table is the training-step benchmark (``benchmarks.train_step``: forward, the training loss,
-backward and the SGD step, in a fresh process) for one step of CCNet (R=2) at batch 1, fp32, with BatchNorm and
+backward and the SGD step, in a fresh process) for two steps of CCNet (R=2) at batch 1, fp32, with BatchNorm and
 with InPlaceABN.
 """
 import sys
-from typing import Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.measure import add_device_argument
+from benchmarks.measure import add_device_argument, count_gflops
 from benchmarks.train_step import NORM_CHOICES, configs_for, step_table
-from cc_attention import CrissCrossAttention
 from networks import BACKBONES, build_model
 from utils.cli import EXIT_OK, ArgumentParser, parse_size
 
@@ -31,30 +31,10 @@ VARIANTS = (
     ("non-local", "nonlocal", 0),
     ("no attention", "baseline", 0),
 )
-ATTENTION_MODULES = ("head.cca", "head.non_local")
 
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
-
-
-def count_gflops(name: str, backbone: str, recurrence: int, size: Tuple[int, int]) -> Dict[str, float]:
-    """GFLOPs of one forward pass at batch 1: ``{"total", "head", "attention"}`` (see the module docstring)."""
-    with torch.device("meta"):
-        model = build_model(name, backbone=backbone, recurrence=recurrence, norm="bn").eval()
-        for module in model.modules():
-            if isinstance(module, CrissCrossAttention):
-                module.backend = "reference"
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, *size))
-    per_module = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
-    prefix = type(model).__name__ + "."
-    attention = sum(per_module.get(prefix + key, 0) for key in ATTENTION_MODULES)
-    return {
-        "total": counter.get_total_flops() / 1e9,
-        "head": per_module.get(prefix + "head", 0) / 1e9,
-        "attention": attention / 1e9,
-    }
 
 
 def flops_table(backbone: str, sizes: Sequence[Tuple[int, int]]) -> str:
@@ -89,8 +69,9 @@ def main(argv=None) -> int:
     print(flops_table(args.backbone, args.sizes))
     if not args.skip_memory:
         print(f"\n### {args.backbone}: memory of one training step (batch 1, RCCA R=2)\n")
-        print(step_table(configs_for(args.backbone, args.memory_size, batch_size=1, recurrence=2,
-                                     norms=list(NORM_CHOICES), amps=["off"], steps=1, warmup=0, device=args.device)))
+        print(step_table(configs_for(args.backbone, args.memory_size, batch_sizes=[1], recurrence=2,
+                                     norms=list(NORM_CHOICES), amps=["off"], steps=1, warmup=1, device=args.device),
+                         mfu=False))
     return EXIT_OK
 
 

@@ -5,7 +5,9 @@ A list file has one sample per line, paths relative to the data dir: ``<image>\\
 
 Augmentation (training=True), in the original order: random scale ``0.7 + randint(0, 14) / 10`` (image bilinear,
 label nearest, on the uint8 image), ``preprocess_image`` (BGR minus mean), pad bottom/right to the crop (image 0,
-label ignored), random crop, HWC->CHW, horizontal flip with p = 0.5.
+label ignored), random crop, HWC->CHW, horizontal flip with p = 0.5. The same random draws and values are computed in
+fewer passes: the crop is cut from the scaled uint8 image and preprocessed alone, straight into its (mirrored) place
+in the padded CHW sample.
 
 Reproducibility: each sample's random draws come from its own generator seeded with ``(seed, epoch, index)``,
 so an epoch's augmentations do not depend on the number of workers, on which worker loads which sample, or on
@@ -20,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.labels import IGNORE_LABEL, label_ids_to_train_ids
-from dataset.transforms import image_to_tensor, preprocess_image
+from dataset.transforms import image_to_tensor, preprocess_chw
 
 MIN_SCALE = 0.7
 NUM_SCALES = 15  # 0.7, 0.8, ..., 2.1
@@ -156,20 +158,20 @@ class CityscapesDataset(Dataset):
             factor = MIN_SCALE + rng.integers(0, NUM_SCALES) / 10.0
             image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
             label = cv2.resize(label, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
-        image = preprocess_image(image)
-        pad_h = max(self.crop_h - label.shape[0], 0)
-        pad_w = max(self.crop_w - label.shape[1], 0)
-        if pad_h or pad_w:
-            image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(0.0, 0.0, 0.0))
-            label = cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(IGNORE_LABEL,))
-        top = rng.integers(0, label.shape[0] - self.crop_h + 1)
-        left = rng.integers(0, label.shape[1] - self.crop_w + 1)
-        image = image[top:top + self.crop_h, left:left + self.crop_w].transpose(2, 0, 1)
+        # the crop's offset in the image padded bottom/right to at least the crop size
+        top = rng.integers(0, max(label.shape[0], self.crop_h) - self.crop_h + 1)
+        left = rng.integers(0, max(label.shape[1], self.crop_w) - self.crop_w + 1)
+        image = image[top:top + self.crop_h, left:left + self.crop_w]  # smaller than the crop where padded
         label = label[top:top + self.crop_h, left:left + self.crop_w]
-        if self.mirror and rng.integers(0, 2):
-            image = image[:, :, ::-1]
-            label = label[:, ::-1]
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+        sample_image = np.zeros((3, self.crop_h, self.crop_w), np.float32)  # the padding: 0 after preprocessing
+        sample_label = np.full((self.crop_h, self.crop_w), IGNORE_LABEL, np.uint8)
+        image_target, label_target = sample_image, sample_label
+        if self.mirror and rng.integers(0, 2):  # the padded crop mirrored: write it into mirrored views
+            image_target, label_target = sample_image[:, :, ::-1], sample_label[:, ::-1]
+        height, width = label.shape
+        preprocess_chw(image, out=image_target[:, :height, :width])
+        label_target[:height, :width] = label
+        return sample_image, sample_label
 
 
 def worker_init_fn(worker_id: int) -> None:

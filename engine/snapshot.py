@@ -1,5 +1,6 @@
 """A trained snapshot made a ready model, for the tools that run one (evaluate.py, predict.py,
-visualize_attention.py): their shared flags, the model flags resolved from the snapshot, building and loading.
+visualize_attention.py): their shared flags, the model flags resolved from the snapshot, building and loading, and
+how the model runs (:class:`InferenceModel`: memory format and autocast, ``--channels-last`` and ``--amp``).
 
 The model flags default to None on the command line: :func:`resolve_model_args` fills them in from the
 snapshot's saved ``args`` (train.py saves them), else from :data:`MODEL_DEFAULTS` (the original's released
@@ -7,14 +8,16 @@ snapshots are raw state dicts).
 """
 import argparse
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from torch import nn
 
 from dataset.labels import NUM_CLASSES
+from engine.train_step import AMP_DTYPES, use_channels_last
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.cli import parse_non_negative_int, parse_positive_int, parse_scales, parse_size
+from utils.cli import parse_auto_bool, parse_non_negative_int, parse_positive_int, parse_scales, parse_size
 from utils.distributed import add_gpu_argument
 
 # The model flags' values when neither the command line nor the snapshot's saved ``args`` give them.
@@ -37,12 +40,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--input-size --whole --scales --flip`` (see ``utils.inference.predict_logits``)."""
+    """``--input-size --whole --scales --flip --tile-batch`` (see ``utils.inference.predict_logits``)."""
     parser.add_argument("--input-size", type=parse_size, default=(769, 769), help="sliding-window tile 'H,W'")
     parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
     parser.add_argument("--scales", type=parse_scales, default=[1.0],
                         help="image scales to average, e.g. 0.75,1.0,1.25")
     parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
+    parser.add_argument("--tile-batch", type=parse_positive_int, default=1,
+                        help="sliding window: tiles per forward pass (the same logits; faster on a GPU, more memory: "
+                             "8 takes a 1024x2048 image's 8 tiles at once)")
 
 
 def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
@@ -82,3 +88,40 @@ def build_and_load(args, device: torch.device, verbose: bool = True,
     if verbose:
         print(report.summary())
     return model.to(device).eval()
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--channels-last --amp``: the memory format and precision the model runs in (see :class:`InferenceModel`)."""
+    parser.add_argument("--channels-last", type=parse_auto_bool, default=None, metavar="auto|1|0",
+                        help="run the model in the channels_last (NHWC) memory format; auto: on for CUDA")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                        help="autocast precision of the forward passes (bf16: the fast one on GPUs with bfloat16 "
+                             "tensor cores; fp16: GPU only); the logits are averaged in float32")
+
+
+class InferenceModel(nn.Module):
+    """``model`` (in eval mode) run in the channels_last memory format (``channels_last``: the model is converted
+    here, each input at the call) and under autocast (``amp_dtype``, None = float32): ``forward(images)`` ->
+    ``[main logits]`` in float32, as ``utils.inference`` expects. ``model`` itself is kept as ``self.model``
+    (hooks on its modules see the calls)."""
+
+    def __init__(self, model: nn.Module, channels_last: bool = False, amp_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.channels_last = channels_last
+        self.amp_dtype = amp_dtype
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.model(images)
+        return [output.float() for output in outputs]
+
+
+def inference_model(model: nn.Module, args, device: torch.device) -> InferenceModel:
+    """``model`` as ``--channels-last`` (auto: on for CUDA) and ``--amp`` of ``args`` say it runs. Raises ValueError
+    for fp16 on the CPU (one line)."""
+    if args.amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a GPU; use --amp bf16 on the CPU")
+    return InferenceModel(model, use_channels_last(args.channels_last, device), AMP_DTYPES[args.amp]).eval()

@@ -33,9 +33,11 @@ class SegmentationNet(DilatedResNet):
     """Backbone modules at the top level (as in the original, so keys read ``layer4.2.conv3.weight``), plus
     ``head`` on layer4 and ``dsn`` on layer3.
 
-    ``forward(x)``: ``x`` ``(N, 3, H, W)`` preprocessed BGR -> ``[main, aux]`` logits, each
-    ``(N, num_classes, h, w)`` at output stride 8: ``h = ((H - 1) // 2 + 1) // 2 // 2 + 1`` (stride-2 conv,
-    ceil-mode max-pool, stride-2 conv): 769 -> 97, 1024 -> 129, 2048 -> 257.
+    ``forward(x)``: ``x`` ``(N, 3, H, W)`` preprocessed BGR -> in training mode ``[main, aux]`` logits, in eval mode
+    ``[main]`` (the auxiliary head serves only the training loss, so inference does not compute it: torchvision's
+    ``aux_classifier`` habit; the main logits do not depend on it). Each is ``(N, num_classes, h, w)`` at output
+    stride 8: ``h = ((H - 1) // 2 + 1) // 2 // 2 + 1`` (stride-2 conv, ceil-mode max-pool, stride-2 conv):
+    769 -> 97, 1024 -> 129, 2048 -> 257.
     """
 
     checkpoint_keys = CheckpointKeys(head_prefixes=("head.", "dsn."), classifiers=("head.bottleneck.3", "dsn.3"),
@@ -48,6 +50,8 @@ class SegmentationNet(DilatedResNet):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         c3, c4 = self.forward_features(x)
+        if not self.training:
+            return [self.head(c4)]
         return [self.head(c4), self.dsn(c3)]
 
 

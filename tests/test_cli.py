@@ -4,11 +4,13 @@ import importlib
 
 import pytest
 
-from utils.cli import (EXIT_USAGE, csv_choices, parse_bool, parse_fraction, parse_non_negative_int, parse_point,
-                       parse_positive_float, parse_positive_int, parse_scales, parse_size)
+from utils.cli import (EXIT_USAGE, csv_choices, csv_of, parse_auto_bool, parse_bool, parse_fraction,
+                       parse_non_negative_int, parse_point, parse_positive_float, parse_positive_int, parse_scales,
+                       parse_size)
 
 SCRIPTS = ("train", "evaluate", "predict", "visualize_attention", "dataset.generate_demo", "dataset.make_lists",
-           "benchmarks.cc_attention_op", "benchmarks.model_report", "benchmarks.train_step")
+           "benchmarks.cc_attention_op", "benchmarks.model_report", "benchmarks.train_step", "benchmarks.inference",
+           "benchmarks.data_loader")
 
 
 @pytest.mark.parametrize("parse, text, value", [
@@ -17,6 +19,8 @@ SCRIPTS = ("train", "evaluate", "predict", "visualize_attention", "dataset.gener
     (parse_positive_int, "3", 3), (parse_non_negative_int, "0", 0), (parse_positive_float, "0.5", 0.5),
     (parse_fraction, "1", 1.0), (parse_bool, "YES", True), (parse_bool, "0", False),
     (csv_choices(("off", "bf16", "fp16")), "off,fp16", ["off", "fp16"]),
+    (parse_auto_bool, "AUTO", None), (parse_auto_bool, "1", True), (parse_auto_bool, "false", False),
+    (csv_of(parse_positive_int), "2,8", [2, 8]), (csv_of(parse_bool), "0,1", [False, True]),
 ])
 def test_validators_accept(parse, text, value):
     assert parse(text) == value
@@ -30,6 +34,7 @@ def test_validators_accept(parse, text, value):
     (parse_non_negative_int, "-1", "integer >= 0"), (parse_positive_float, "0", "number > 0"),
     (parse_fraction, "1.2", "in [0, 1]"), (parse_bool, "maybe", "0/1"),
     (csv_choices(("off", "bf16")), "off,fp8", "unknown fp8; choose from off, bf16"),
+    (parse_auto_bool, "2", "auto, 0 or 1"), (csv_of(parse_positive_int), "2,0", "integer >= 1"),
 ])
 def test_validators_refuse_with_what_was_expected(parse, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message.replace("[", r"\[").replace("]", r"\]")):

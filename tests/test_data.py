@@ -76,6 +76,42 @@ def test_augmentation_is_reproducible_and_varies_with_epoch(demo):
     assert any(not torch.equal(first[index][0], second[index][0]) for index in range(4))
 
 
+def _original_augmentation(image, label, crop, rng):
+    """The original's order, spelled out: scale the uint8 image, preprocess the whole of it, pad it bottom/right
+    (image 0, label 255), crop, HWC->CHW, flip."""
+    factor = 0.7 + rng.integers(0, 15) / 10.0
+    image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+    image = preprocess_image(image)
+    pad_h, pad_w = max(crop[0] - label.shape[0], 0), max(crop[1] - label.shape[1], 0)
+    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+    label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=255)
+    top, left = rng.integers(0, label.shape[0] - crop[0] + 1), rng.integers(0, label.shape[1] - crop[1] + 1)
+    image = image[top:top + crop[0], left:left + crop[1]].transpose(2, 0, 1)
+    label = label[top:top + crop[0], left:left + crop[1]]
+    if rng.integers(0, 2):
+        image, label = image[:, :, ::-1], label[:, ::-1]
+    return image, label
+
+
+@pytest.mark.parametrize("crop", [(32, 48), (40, 120), (90, 60), (100, 160)])  # inside, wider, taller, larger
+def test_training_samples_are_the_originals_bit_for_bit(demo, crop):
+    """Scale, mirror, padding and crop of every sample as in the original order, exactly (our order is faster)."""
+    root, lists = demo
+    dataset = CityscapesDataset(root, lists["train"], crop_size=crop, scale=True, mirror=True, seed=5)
+    entries = read_list(root, lists["train"])
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        for index, entry in enumerate(entries):
+            image, label, _ = dataset[index]
+            expected_image, expected_label = _original_augmentation(
+                cv2.imread(entry.image_path), label_ids_to_train_ids(cv2.imread(entry.label_path, 0)), crop,
+                np.random.default_rng((5, epoch, index)))
+            np.testing.assert_array_equal(image.numpy(), expected_image)
+            np.testing.assert_array_equal(label.numpy(), expected_label)
+            assert image.is_contiguous() and label.is_contiguous() and label.dtype == torch.int64
+
+
 def test_mirror_and_scale_keep_image_and_label_aligned(demo):
     """The label of every crop equals the (rescaled, flipped) label of the pixels the image crop shows."""
     root, lists = demo

@@ -73,6 +73,18 @@ def test_without_save_pred_result_goes_beside_the_snapshot(demo):
     assert result["whole"] is True and result["mean_iou"] is not None
 
 
+def test_channels_last_bf16_and_batched_tiles_evaluate_as_the_default_does(demo, tmp_path):
+    scores = {}
+    for name, flags in (("default", []), ("nhwc", ["--channels-last", "1"]), ("bf16", ["--amp", "bf16"]),
+                        ("tiles", ["--tile-batch", "3"])):
+        assert evaluate.main(_args(demo, *flags, "--save-pred", str(tmp_path / name))) == 0
+        scores[name] = json.loads((tmp_path / name / "result.json").read_text())
+    assert scores["default"]["amp"] == "off" and scores["bf16"]["amp"] == "bf16"
+    assert scores["nhwc"]["mean_iou"] == pytest.approx(scores["default"]["mean_iou"], abs=1e-3)
+    assert scores["bf16"]["pixel_accuracy"] == pytest.approx(scores["default"]["pixel_accuracy"], abs=0.05)
+    assert scores["tiles"]["mean_iou"] == pytest.approx(scores["default"]["mean_iou"], abs=1e-6)
+
+
 @pytest.mark.slow
 def test_distributed_evaluation_equals_single_process(demo, tmp_path, repo_root):
     extra = ["--scales", "0.75,1.0", "--flip"]

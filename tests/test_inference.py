@@ -85,6 +85,26 @@ def test_sliding_assembles_many_overlapping_and_padded_tiles_exactly():
         torch.testing.assert_close(predict_sliding(model, images, tile), expected, rtol=0, atol=1e-5)
 
 
+def test_batched_tiles_give_the_logits_of_one_tile_at_a_time():
+    """2 images; 5 x 7 tiles of 12x12, or 1 x 4 padded tiles of 50x20; in groups of 5 and of all the tiles."""
+    model = StridedNet().eval()
+    images = _images(h=37, w=53)
+    batches = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    for tile, tiles in [((12, 12), 35), ((50, 20), 4)]:
+        expected = predict_sliding(model, images, tile)
+        for tile_batch in (5, 100):
+            batches.clear()
+            torch.testing.assert_close(predict_sliding(model, images, tile, tile_batch), expected, rtol=1e-5, atol=1e-5)
+            groups = [min(tile_batch, tiles - first) for first in range(0, tiles, tile_batch)]
+            assert batches == [2 * size for size in groups]  # every image's tile, for each tile of the group
+        torch.testing.assert_close(predict_logits(model, images, tile, scales=(0.5, 1.0), flip=True, tile_batch=3),
+                                   predict_logits(model, images, tile, scales=(0.5, 1.0), flip=True),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tile_batch"):
+        predict_sliding(model, images, (12, 12), tile_batch=0)
+
+
 def test_sliding_differs_from_whole_for_a_context_dependent_model():
     model = StridedNet().eval()
     images = _images(h=48, w=64)

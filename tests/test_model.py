@@ -45,23 +45,41 @@ def test_output_stride_formula_covers_many_sizes():
 @pytest.mark.parametrize("size", [(129, 129), (97, 131), (33, 50)])
 def test_tiny_real_forward_shapes(tiny_model, size):
     with torch.no_grad():
-        main, aux = tiny_model(torch.randn(1, 3, *size))
-    assert main.shape == aux.shape == (1, 19, output_size(size[0]), output_size(size[1]))
-    assert torch.isfinite(main).all() and torch.isfinite(aux).all()
+        (main,) = tiny_model(torch.randn(1, 3, *size))
+    assert main.shape == (1, 19, output_size(size[0]), output_size(size[1]))
+    assert torch.isfinite(main).all()
 
 
 def test_769_gives_97(tiny_model):
     with torch.no_grad():
-        main, aux = tiny_model(torch.randn(1, 3, 769, 769))
-    assert main.shape[-2:] == aux.shape[-2:] == (97, 97)
+        (main,) = tiny_model(torch.randn(1, 3, 769, 769))
+    assert main.shape[-2:] == (97, 97)
+
+
+def test_eval_mode_skips_the_dsn_head_and_keeps_the_main_logits():
+    """Training mode: [main, aux]; eval mode: [main] without running the auxiliary head, same main logits."""
+    torch.manual_seed(0)
+    model = build_model(backbone="tiny", norm="bn")
+    calls = []
+    model.dsn.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        outputs = model.train()(x)
+        assert len(outputs) == 2 and len(calls) == 1 and outputs[1].shape == outputs[0].shape
+        model.eval()
+        outputs = model(x)
+        c3, c4 = model.forward_features(x)
+        main, aux = model.head(c4), model.dsn(c3)  # what eval mode computed before (both heads)
+    assert len(calls) == 2  # the call just above, not the eval-mode forward
+    assert len(outputs) == 1 and torch.equal(outputs[0], main) and aux.shape == main.shape
 
 
 @pytest.mark.parametrize("name", ["nonlocal", "baseline"])
 def test_comparison_heads(name):
-    model = build_model(name, backbone="tiny", num_classes=5, norm="bn").eval()
+    model = build_model(name, backbone="tiny", num_classes=5, norm="bn").train()
     with torch.no_grad():
-        main, aux = model(torch.randn(1, 3, 65, 97))
-    assert main.shape == aux.shape == (1, 5, 9, 13)
+        main, aux = model(torch.randn(2, 3, 65, 97))
+    assert main.shape == aux.shape == (2, 5, 9, 13)
     assert not any(isinstance(m, CrissCrossAttention) for m in model.modules())
 
 

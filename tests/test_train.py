@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from engine.train_step import load_optimizer_state, make_sgd, use_channels_last
 from utils.checkpoint import load_checkpoint
 from utils.cli import EXIT_USAGE
 from utils.distributed import apply_gpu_choice
@@ -107,6 +108,7 @@ def test_defaults_are_the_papers():
             args.num_steps, args.save_pred_every, args.recurrence, args.ohem, args.ohem_thres, args.ohem_keep,
             args.num_classes, args.ignore_label, args.snapshot_dir, args.amp) == \
         (8, (769, 769), 1e-2, 0.9, 1e-4, 0.9, 60000, 10000, 2, False, 0.7, 100000, 19, 255, "snapshots/", "off")
+    assert args.channels_last is None and args.compile is False  # auto (on for CUDA), eager
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
@@ -158,3 +160,75 @@ def test_ignore_label_must_not_be_a_class_id(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--ignore-label", "3"])
     assert "--ignore-label 3 is a class id" in capsys.readouterr().err
+
+
+def _trained(argv):
+    """train.train's model (one process)."""
+    return train.train(train.parse_args(argv))
+
+
+def _assert_same_training(expected_dir, actual_dir):
+    """Losses within 1e-3 over the steps; the weights after the first step (a later step amplifies the float
+    differences through the large inputs and batch-norm statistics of 2 small crops) within 1e-5."""
+    assert losses(actual_dir) == pytest.approx(losses(expected_dir), rel=1e-3)
+    expected = load_checkpoint(expected_dir / "CS_scenes_1.pth")["model"]
+    actual = load_checkpoint(actual_dir / "CS_scenes_1.pth")["model"]
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_channels_last_trains_as_nchw_does(demo, tmp_path, capsys, device, monkeypatch):
+    """3 steps with dropout, random scale and mirror: the same training within float tolerance (on a GPU: float32
+    convolutions, not TF32; the SGD step fused)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    augment = ("--random-mirror", "--random-scale", "--save-pred-every", "1", "--gpu",
+               "0" if device.type == "cuda" else "cpu")
+    nchw_model = _trained(argv_for(demo, tmp_path / "nchw", *augment, "--channels-last", "0", steps=3))
+    assert not nchw_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc_model = _trained(argv_for(demo, tmp_path / "nhwc", *augment, "--channels-last", "1", steps=3))
+    log = capsys.readouterr().err
+    assert "channels_last, torch.compile off" in log and ("fused SGD" in log) == (device.type == "cuda")
+    assert nhwc_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc_model.layer4[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_same_training(tmp_path / "nchw", tmp_path / "nhwc")
+    assert use_channels_last(None, torch.device("cpu")) is False  # what --channels-last auto gives on the CPU
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_train_as_eager_nchw_does(demo, tmp_path, capsys):
+    """--compile 1 --channels-last 1 against the eager NCHW run: the same training within float tolerance (the
+    compiled dropout draws eager's random numbers: inductor's fallback_random). Without Inductor's on-disk caches:
+    they key compiled graphs without the code of the op's fake kernels (another checkout's could be served)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    augment = ("--random-mirror", "--save-pred-every", "1")
+    with torch._inductor.config.patch(fallback_random=True, force_disable_caches=True):
+        _trained(argv_for(demo, tmp_path / "eager", *augment, steps=3))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+        _trained(argv_for(demo, tmp_path / "compiled", *augment, "--compile", "1", "--channels-last", "1", steps=3))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step was compiled
+    torch._dynamo.reset()
+    output = capsys.readouterr()
+    assert "channels_last, torch.compile on" in output.err
+    assert "iteration 1 (the first of this run) took" in output.out and "torch.compile included" in output.out
+    _assert_same_training(tmp_path / "eager", tmp_path / "compiled")
+
+
+def test_channels_last_auto_and_the_optimizer_state_of_another_run():
+    assert [use_channels_last(None, torch.device(kind), norm) for kind, norm in
+            (("cpu", "bn"), ("cuda", "bn"), ("cuda", "syncbn"), ("cuda", "inplace_abn_sync"))] == [False, True, True,
+                                                                                                  False]
+    assert use_channels_last(True, torch.device("cpu")) and not use_channels_last(False, torch.device("cuda"))
+    # a snapshot of a fused, NCHW optimizer resumed by a default one whose parameters are channels_last
+    weight = torch.nn.Parameter(torch.randn(4, 3, 2, 2))
+    saved = make_sgd([weight], lr=0.1, momentum=0.9, weight_decay=0.0, fused=True)
+    weight.grad = torch.randn_like(weight)
+    saved.step()
+    expected = saved.state[weight]["momentum_buffer"].clone()
+    resumed_weight = torch.nn.Parameter(weight.detach().clone().contiguous(memory_format=torch.channels_last))
+    resumed = make_sgd([resumed_weight], lr=0.1, momentum=0.9, weight_decay=0.0)
+    load_optimizer_state(resumed, saved.state_dict())
+    assert resumed.param_groups[0]["fused"] is resumed.defaults["fused"] and not resumed.param_groups[0]["fused"]
+    buffer = resumed.state[resumed_weight]["momentum_buffer"]
+    assert buffer.is_contiguous(memory_format=torch.channels_last) and torch.equal(buffer, expected)

@@ -1,7 +1,9 @@
-"""train.py under ``torchrun --nproc_per_node=2`` on the CPU (gloo): completes, ranks agree, one snapshot.
+"""train.py under ``torchrun --nproc_per_node=2`` on the CPU (gloo), eager and compiled: completes, ranks agree, one
+snapshot.
 
 This file is also the torchrun entry point: run as a script it trains via ``train.train`` and saves each rank's
-final state dict to ``OUT_DIR/rank<r>.pt`` so that the test can compare the ranks.
+final state dict to ``OUT_DIR/rank<r>.pt`` so that the test can compare the ranks (and the number of graphs
+torch.compile made to ``OUT_DIR/graphs<r>.txt``).
 """
 import os
 import subprocess
@@ -14,18 +16,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for the to
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path, demo_data):
+@pytest.mark.parametrize("speed", [(), ("--compile", "1", "--channels-last", "1")], ids=["eager", "compile"])
+def test_torchrun_two_processes_on_cpu(tmp_path, demo_data, speed):
+    """Eager, and torch.compile of the DDP-wrapped model and the loss (with channels_last)."""
     data = demo_data(num_train=8, num_val=1, height=48, width=96, seed=1)
     snapshots = tmp_path / "snapshots"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                str(tmp_path), "--data-dir", data.root, "--data-list", data.train_list, "--gpu", "cpu",
                "--backbone", "tiny", "--input-size", "48,96", "--batch-size", "4", "--num-steps", "3",
                "--save-pred-every", "100", "--num-workers", "0", "--restore-from", "", "--random-mirror",
-               "--snapshot-dir", str(snapshots)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+               "--snapshot-dir", str(snapshots), *speed]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")  # compiled graphs of this checkout's op, not a cached one
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(norm bn) on 2 process(es)" in result.stderr and "2 images each" in result.stderr
+    assert f"torch.compile {'on' if speed else 'off'}" in result.stderr
+    graphs = [int((tmp_path / f"graphs{rank}.txt").read_text()) for rank in (0, 1)]
+    assert all(count >= 1 for count in graphs) if speed else graphs == [0, 0]
     assert sorted(p.name for p in snapshots.glob("*.pth")) == ["CS_scenes_3.pth"]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) > 10
@@ -47,3 +55,5 @@ if __name__ == "__main__":
     # parameters only: on the CPU, BatchNorm running statistics are per process (see train._norm_kind)
     torch.save({name: value.detach() for name, value in model.named_parameters()},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+    with open(os.path.join(out_dir, f"graphs{os.environ['RANK']}.txt"), "w") as handle:  # compiled graphs
+        handle.write(str(torch._dynamo.utils.counters["stats"]["unique_graphs"]))

@@ -19,7 +19,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Callable, List, Sequence, Tuple, Type
+from typing import Callable, List, Optional, Sequence, Tuple, Type
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -106,6 +106,16 @@ def parse_bool(text: str) -> bool:
     return values[text.lower()]
 
 
+def parse_auto_bool(text: str) -> Optional[bool]:
+    """``auto`` -> None (the script decides, e.g. by device), else :func:`parse_bool`."""
+    if text.lower() == "auto":
+        return None
+    try:
+        return parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or 1, got {text!r}") from None
+
+
 def parse_size(text: str) -> Tuple[int, int]:
     """``"H,W"`` (or ``"HxW"``, or ``"S"`` for a square) -> ``(H, W)``, both positive."""
     parts = re.split(r"[,x]", text.lower())
@@ -152,3 +162,11 @@ def csv_choices(choices: Sequence[str]) -> Callable[[str], List[str]]:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
         return values
     return parse
+
+
+def csv_of(parse: Callable[[str], object]) -> Callable[[str], list]:
+    """A parser of comma-separated values, each read by ``parse``: ``csv_of(parse_positive_int)("2,8")`` -> ``[2, 8]``;
+    an unreadable value gives ``parse``'s message."""
+    def parse_all(text: str) -> list:
+        return [parse(value) for value in text.split(",")]
+    return parse_all
