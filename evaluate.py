@@ -1,4 +1,4 @@
-"""Evaluate a CCNet snapshot on a dataset's list (Cityscapes): mIoU table, result.json, and optionally the
+"""Evaluate a CCNet snapshot on a dataset's list (Cityscapes, ADE20K): mIoU table, result.json, and optionally the
 predictions.
 
     python evaluate.py --data-dir CS --restore-from snapshots/CS_scenes_60000.pth            # sliding 769 tiles
@@ -7,7 +7,7 @@ predictions.
     python evaluate.py ... --data-list dataset/list/cityscapes/test.lst --save-pred outputs   # test server
 
 Inference (see ``utils.inference``): the dataset's mode by default (Cityscapes: sliding window, tiles of
-``--input-size``, 1/3 overlap, logits averaged: the original), ``--whole`` for one pass
+``--input-size``, 1/3 overlap, logits averaged: the original; ADE20K: the whole image), ``--whole`` for one pass
 over the whole image, ``--no-whole`` for tiles; ``--scales`` / ``--flip`` average the logits of every scale and of
 the left-right mirrored image. ``--dataset`` and the model flags default to the snapshot's.
 
@@ -17,7 +17,7 @@ class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if gi
 
 ``--save-pred DIR`` writes ``DIR/<stem>.png`` (paletted: pixel = train id, in the dataset's colours) and
 ``DIR/labelIds/<stem>.png`` (single channel, full resolution, the values of the dataset's label files: Cityscapes
-label ids, the format of cityscapesScripts' evaluation and of the test server). Lists without
+label ids, the format of cityscapesScripts' evaluation and of the test server; ADE20K 1..150). Lists without
 labels (test.lst) are predicted, not scored.
 """
 import os

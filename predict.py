@@ -9,8 +9,8 @@ JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<s
 * ``<stem>.png``: the prediction as a paletted PNG (pixel = train id, shown in the dataset's colours);
 * ``<stem>_overlay.jpg``: the colours blended over the image (``--alpha``).
 
-Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles;
-``--whole`` / ``--no-whole``, ``--scales``, ``--flip``); ``--dataset`` and the model flags default to
+Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles, ADE20K the
+whole image; ``--whole`` / ``--no-whole``, ``--scales``, ``--flip``); ``--dataset`` and the model flags default to
 the snapshot's.
 """
 import os

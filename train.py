@@ -1,11 +1,13 @@
-"""Train CCNet on Cityscapes (one process, or several through torchrun / DistributedDataParallel).
+"""Train CCNet on Cityscapes or ADE20K (one process, or several through torchrun / DistributedDataParallel).
 
     python train.py --data-dir cityscapes --random-mirror --random-scale                    # one GPU (or CPU)
     torchrun --nproc_per_node=4 train.py --data-dir cityscapes --random-mirror --random-scale  # 4 GPUs
+    torchrun --nproc_per_node=4 train.py --dataset ade20k --random-mirror --random-scale       # ADE20K
 
-The defaults are the dataset's (``dataset/cityscapes.py``); for Cityscapes the paper's run: batch 8 (global, split
-over the processes), 769x769 crops, SGD lr 1e-2, momentum 0.9, weight decay 1e-4, poly 0.9, 60000 iterations,
-R=2. Snapshots ``CS_scenes_<iter>.pth`` go to
+The defaults are the dataset's (``dataset/cityscapes.py``, ``dataset/ade20k.py``); for Cityscapes the paper's run:
+batch 8 (global, split over the processes), 769x769 crops, SGD lr 1e-2, momentum 0.9, weight decay 1e-4, poly 0.9,
+60000 iterations, R=2; for ADE20K mmsegmentation's CCNet recipe (batch 16, 512x512 crops, weight decay 5e-4,
+80000 iterations). Snapshots ``CS_scenes_<iter>.pth`` go to
 ``--snapshot-dir`` every ``--save-pred-every`` iterations and at the end; ``--resume`` continues one exactly
 (same batches, same random draws). Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes.
 """
@@ -50,8 +52,8 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--dataset", choices=DATASET_NAMES, default=DEFAULT_DATASET,
                       help="the dataset: its label format, classes and defaults (dataset/registry.py)")
     data.add_argument("--data-dir", default=None,
-                      help="the dataset's folder (Cityscapes: holds leftImg8bit/ and gtFine/); list paths are "
-                           "relative to it; default: "
+                      help="the dataset's folder (Cityscapes: holds leftImg8bit/ and gtFine/; ADE20K: images/ and "
+                           "annotations/); list paths are relative to it; default: "
                            + per_dataset(lambda spec: spec.data_dir))
     data.add_argument("--data-list", default=None,
                       help="list file of '<image>\\t<label>' lines to train on; default: "

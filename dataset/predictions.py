@@ -1,6 +1,6 @@
 """Predictions (train ids) as files and pictures, in a dataset's colours (``DatasetSpec.palette``): paletted PNGs,
 label PNGs in the dataset's own format (``DatasetSpec.encode_label``: Cityscapes label ids for cityscapesScripts
-and the test server) and colour overlays."""
+and the test server, ADE20K's 1..150) and colour overlays."""
 import os
 
 import numpy as np

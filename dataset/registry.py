@@ -1,10 +1,11 @@
 """Every dataset the scripts know, by its ``--dataset`` name: add a new dataset's spec (``dataset.spec``) here."""
 from typing import Callable, Dict
 
+from dataset.ade20k import ADE20K
 from dataset.cityscapes import CITYSCAPES
 from dataset.spec import DatasetSpec
 
-DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (CITYSCAPES,)}
+DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (CITYSCAPES, ADE20K)}
 DATASET_NAMES = tuple(DATASETS)
 DEFAULT_DATASET = CITYSCAPES.name
 

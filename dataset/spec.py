@@ -1,5 +1,5 @@
-"""What the scripts know about a dataset: :class:`DatasetSpec`, one per dataset (``cityscapes.py``), collected in
-``registry.py``.
+"""What the scripts know about a dataset: :class:`DatasetSpec`, one per dataset (``cityscapes.py``, ``ade20k.py``),
+collected in ``registry.py``.
 
 A spec says how to read the dataset (its list files, its label decoder), how to show and write predictions (class
 names, palette, the label encoder of its submission format), how to find its files (its folder layout, turned into

@@ -20,7 +20,7 @@ EXTRAS = {"inplace_abn": "`make inplace-abn`", "cityscapesscripts": "requirement
 
 @dataclass(frozen=True)
 class DemoData:
-    """A generated Cityscapes-format dataset: the data dir and its two list files."""
+    """A generated dataset (Cityscapes or ADE20K format): the data dir and its two list files."""
 
     root: str
     train_list: str
@@ -40,15 +40,17 @@ def in_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """``demo_data(num_train, num_val, height, width, seed=0) -> DemoData``: scenes of ``dataset.generate_demo``,
-    generated once per session for each set of arguments. Shared: a test that changes files works on a copy."""
+    """``demo_data(num_train, num_val, height, width, seed=0, dataset="cityscapes") -> DemoData``: scenes of
+    ``dataset.generate_demo`` in the format of ``dataset``, generated once per session for each set of arguments.
+    Shared: a test that changes files works on a copy."""
     made = {}
 
-    def make(num_train: int, num_val: int, height: int, width: int, seed: int = 0) -> DemoData:
-        key = (num_train, num_val, height, width, seed)
+    def make(num_train: int, num_val: int, height: int, width: int, seed: int = 0,
+             dataset: str = "cityscapes") -> DemoData:
+        key = (num_train, num_val, height, width, seed, dataset)
         if key not in made:
             root = tmp_path_factory.mktemp("demo_data")
-            lists = generate(str(root), num_train, num_val, height, width, seed)
+            lists = generate(str(root), num_train, num_val, height, width, seed, dataset)
             made[key] = DemoData(str(root), lists["train"], lists["val"])
         return made[key]
 
