@@ -15,7 +15,8 @@ from utils.cli import EXIT_FAILURE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # How to get each optional package that an ``extra(name)`` marker names.
-EXTRAS = {"inplace_abn": "`make inplace-abn`", "cityscapesscripts": "requirements-dev.txt"}
+EXTRAS = {"inplace_abn": "`make inplace-abn`", "cityscapesscripts": "requirements-dev.txt",
+          "onnxruntime": "requirements-dev.txt", "onnxscript": "requirements-dev.txt"}
 
 
 @dataclass(frozen=True)

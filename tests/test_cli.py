@@ -8,7 +8,8 @@ from utils.cli import (EXIT_USAGE, csv_choices, parse_bool, parse_fraction, pars
                        parse_positive_float, parse_positive_int, parse_scales, parse_size)
 
 SCRIPTS = ("train", "evaluate", "predict", "visualize_attention", "dataset.generate_demo", "dataset.make_lists",
-           "dataset.registry", "benchmarks.cc_attention_op", "benchmarks.model_report", "benchmarks.train_step")
+           "dataset.registry", "export_onnx", "benchmarks.cc_attention_op", "benchmarks.model_report",
+           "benchmarks.train_step")
 
 
 @pytest.mark.parametrize("parse, text, value", [
