@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import cc_attention_op, model_report, train_step
+from benchmarks import cc_attention_op, model_report, onnx_latency, train_step
 from benchmarks.measure import PeakMemory, run_isolated, time_calls
 from networks import BACKBONES
 
@@ -93,3 +93,17 @@ def test_op_benchmark_has_a_row_per_workload_and_implementation(capsys):
     assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows)  # fwd, fwd+bwd ms
     plain_rows = [row for row in rows if row[4] == "plain"]
     assert plain_rows and all(row[9] == "1.00x / 1.00x" for row in plain_rows)
+
+
+@pytest.mark.slow
+@pytest.mark.extra("onnxscript")
+@pytest.mark.extra("onnxruntime")
+def test_onnx_latency_table_times_pytorch_and_onnxruntime_on_the_same_network(capsys):
+    assert onnx_latency.main(["--backbone", "tiny", "--size", "65", "--repeats", "1"]) == 0
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| pytorch |", "| onnxruntime |"))]
+    assert [row[:2] for row in rows] == [list(row) for row in onnx_latency.ROWS]
+    assert all(row[2].endswith(("ms", " s")) and not row[2].startswith("n/a") for row in rows)
+    for row in rows[:2]:  # PyTorch's logits against onnxruntime's
+        difference, largest = float(row[5].split()[0]), float(row[5].split()[-1].rstrip(")"))
+        assert difference <= 1e-4 * max(largest, 1.0) and largest > 0.1

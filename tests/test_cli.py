@@ -9,7 +9,7 @@ from utils.cli import (EXIT_USAGE, csv_choices, parse_bool, parse_fraction, pars
 
 SCRIPTS = ("train", "evaluate", "predict", "visualize_attention", "dataset.generate_demo", "dataset.make_lists",
            "dataset.registry", "export_onnx", "benchmarks.cc_attention_op", "benchmarks.model_report",
-           "benchmarks.train_step")
+           "benchmarks.train_step", "benchmarks.onnx_latency")
 
 
 @pytest.mark.parametrize("parse, text, value", [
