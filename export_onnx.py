@@ -11,8 +11,10 @@ head's, upsampled to the input's size: argmax over K gives the train ids); the b
 and the input's preprocessing.
 
 The check (unless ``--skip-check``) runs PyTorch and onnxruntime on random images of two sizes, ``--input-size`` at
-batch 1 and a smaller odd size at batch 2, and fails when the logits differ by more than 1e-3 of their largest
-magnitude. Needs ``onnx`` and ``onnxscript`` (and ``onnxruntime`` for the check): requirements-dev.txt.
+batch 1 and a smaller odd size at batch 2, and fails when the logits differ by more than 1 % of their largest
+magnitude (float32 rounding differs between the runtimes: a ResNet-101 shows about 0.1 %, as PyTorch's own float32
+against float64 does; an export that computes something else is off by far more). Needs ``onnx`` and
+``onnxscript`` (and ``onnxruntime`` for the check): requirements-dev.txt.
 """
 import json
 import os
@@ -29,7 +31,7 @@ from engine.snapshot import add_model_arguments, build_and_load, load_snapshot
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_size, run_main
 
-RELATIVE_TOLERANCE = 1e-3  # of the largest |logit|: the check's limit for float32 on another runtime
+RELATIVE_TOLERANCE = 1e-2  # of the largest |logit|: the check's limit for float32 on another runtime
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -74,13 +76,13 @@ def run(args) -> None:
              f"fixed to the example input's (2x3x{args.input_size[0]}x{args.input_size[1]}): {', '.join(fixed)}"))
     if args.skip_check:
         return
-    for shape, difference, scale in compare_with_onnxruntime(model, args.output, check_shapes(args.input_size,
-                                                                                               dynamic)):
-        print(f"onnxruntime check, input {'x'.join(map(str, shape))}: max |logit difference| {difference:.2e} "
-              f"(largest |logit| {scale:.2f})")
-        if difference > RELATIVE_TOLERANCE * max(scale, 1.0):
-            raise ExportError(f"onnxruntime's logits differ from PyTorch's by {difference:.3g} at input "
-                              f"{'x'.join(map(str, shape))}: more than {RELATIVE_TOLERANCE:g} of the largest logit")
+    for result in compare_with_onnxruntime(model, args.output, check_shapes(args.input_size, dynamic)):
+        shape = "x".join(map(str, result.shape))
+        print(f"onnxruntime check, input {shape}: max |logit difference| {result.max_difference:.2e} (largest "
+              f"|logit| {result.max_logit:.2f}); same class at {100 * result.same_class:.2f} % of the pixels")
+        if result.max_difference > RELATIVE_TOLERANCE * max(result.max_logit, 1.0):
+            raise ExportError(f"onnxruntime's logits differ from PyTorch's by {result.max_difference:.3g} at input "
+                              f"{shape}: more than {RELATIVE_TOLERANCE:g} of the largest logit")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,7 +16,7 @@ Needs the packages of requirements-dev.txt: ``onnx`` and ``onnxscript`` to expor
 """
 import logging
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,15 @@ AXES = {0: "batch", 2: "height", 3: "width"}  # the axes of the input and the ou
 
 class ExportError(RuntimeError):
     """The export could not run (a package missing, the exporter failing); the message says why in one line."""
+
+
+class Comparison(NamedTuple):
+    """onnxruntime against PyTorch on one image batch."""
+
+    shape: Tuple[int, ...]  # the batch's (N, 3, H, W)
+    max_difference: float  # max |onnxruntime logit - PyTorch logit|
+    max_logit: float  # max |PyTorch logit|
+    same_class: float  # the fraction of pixels whose argmax class is the same
 
 
 class ExportedSegmenter(nn.Module):
@@ -105,9 +114,9 @@ def onnxruntime_session(path: str, threads: Optional[int] = None):
 
 
 def compare_with_onnxruntime(model: nn.Module, path: str, shapes: Sequence[Tuple[int, int, int, int]],
-                             seed: int = 0) -> List[Tuple[Tuple[int, ...], float, float]]:
+                             seed: int = 0) -> List[Comparison]:
     """Run ``exportable(model)`` and the ONNX file on random image batches of each ``(N, 3, H, W)`` shape (pixels
-    of a preprocessed image: about -120..150); returns ``(shape, max |difference|, max |PyTorch logit|)`` each."""
+    of a preprocessed image: about -120..150); one :class:`Comparison` each."""
     session = onnxruntime_session(path)
     wrapper = exportable(model)
     generator = torch.Generator().manual_seed(seed)
@@ -120,5 +129,6 @@ def compare_with_onnxruntime(model: nn.Module, path: str, shapes: Sequence[Tuple
         if got.shape != expected.shape:
             raise ExportError(f"onnxruntime gave logits of shape {got.shape} for {tuple(shape)}, PyTorch "
                               f"{expected.shape}")
-        results.append((tuple(shape), float(np.abs(got - expected).max()), float(np.abs(expected).max())))
+        results.append(Comparison(tuple(shape), float(np.abs(got - expected).max()), float(np.abs(expected).max()),
+                                  float((got.argmax(1) == expected.argmax(1)).mean())))
     return results
