@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
@@ -161,8 +162,7 @@ def main(argv=None) -> int:
         table = latency_table(config, folder)
     print(table)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(table + "\n")
+        Path(args.output).write_text(table + "\n", encoding="utf-8")
     return EXIT_OK
 
 

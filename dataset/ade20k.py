@@ -4,7 +4,8 @@ palette, and its spec (``ADE20K``).
 The folder holds ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png`` (same
 stem). An annotation pixel is 0 (void: not evaluated) or 1..150, the classes in the benchmark's order; they become
 train ids 0..149 and void the ignore label. Any other value is an error naming the file. The lists: ``train``
-(20210 lines on the full dataset), ``val`` (2000) and ``trainval``, as ``<image>\\t<label>``.
+(20210 lines on the full dataset) and ``val`` (2000), as ``<image>\\t<label>`` (``dataset.make_lists`` adds
+``trainval``).
 
 Defaults: the paper does not give its ADE20K training settings in the text we have, so they are mmsegmentation's
 CCNet ADE20K recipe (``configs/ccnet/ccnet_r101-d8_512x512_80k_ade20k.py`` with ``_base_/datasets/ade20k.py``
@@ -95,20 +96,15 @@ def split_lines(root: str, folder: str) -> List[str]:
 
 
 def list_lines(root: str) -> Dict[str, List[str]]:
-    """``{"train", "val", "trainval"}`` list lines of the ADEChallengeData2016 folder ``root`` (``trainval`` only
-    when both train and val have lines)."""
+    """``{"train", "val"}`` list lines of the ADEChallengeData2016 folder ``root``."""
     if not (os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "annotations"))):
         raise FileNotFoundError(f"not an ADE20K folder (ADEChallengeData2016: no images/ and annotations/ inside): "
                                 f"{root}")
-    splits = {name: split_lines(root, folder) for name, folder in SPLIT_FOLDERS.items()}
-    if splits["train"] and splits["val"]:
-        splits["trainval"] = splits["train"] + splits["val"]
-    return splits
+    return {name: split_lines(root, folder) for name, folder in SPLIT_FOLDERS.items()}
 
 
 ADE20K = DatasetSpec(
     name="ade20k",
-    title="ADE20K",
     data_dir="ADEChallengeData2016",
     class_names=CLASS_NAMES,
     palette=PALETTE,

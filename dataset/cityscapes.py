@@ -2,8 +2,8 @@
 
 The folder holds ``leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png`` and
 ``gtFine/{train,val}/<city>/*_gtFine_labelIds.png``. The lists: ``train`` (2975 lines on the full dataset), ``val``
-(500), ``trainval`` (train then val, 3475) as ``<image>\\t<label>`` and ``test`` (1525) as ``<image>``. Labels are
-read as they come (label ids) and mapped to the 19 train ids by ``dataset.labels``.
+(500) as ``<image>\\t<label>`` and ``test`` (1525) as ``<image>``; ``dataset.make_lists`` adds ``trainval``
+(3475). Labels are read as they come (label ids) and mapped to the 19 train ids by ``dataset.labels``.
 
 Defaults: the paper's training (batch 8, 769x769 crops, SGD lr 1e-2, weight decay 1e-4, 60000 iterations) and the
 original code's evaluation (sliding 769x769 tiles).
@@ -38,20 +38,16 @@ def split_lines(root: str, split: str, with_labels: bool) -> List[str]:
 
 
 def list_lines(root: str) -> Dict[str, List[str]]:
-    """``{"train", "val", "test", "trainval"}`` list lines of the Cityscapes folder ``root`` (a split without
-    images: no lines; ``trainval`` only when both train and val have lines)."""
+    """``{"train", "val", "test"}`` list lines of the Cityscapes folder ``root`` (a split without images: no
+    lines)."""
     if not os.path.isdir(os.path.join(root, "leftImg8bit")):
         raise FileNotFoundError(f"not a Cityscapes folder (no leftImg8bit/ inside): {root}")
-    splits = {"train": split_lines(root, "train", True), "val": split_lines(root, "val", True),
-              "test": split_lines(root, "test", False)}
-    if splits["train"] and splits["val"]:
-        splits["trainval"] = splits["train"] + splits["val"]
-    return splits
+    return {"train": split_lines(root, "train", True), "val": split_lines(root, "val", True),
+            "test": split_lines(root, "test", False)}
 
 
 CITYSCAPES = DatasetSpec(
     name="cityscapes",
-    title="Cityscapes",
     data_dir="cityscapes",
     class_names=CLASS_NAMES,
     palette=PALETTE,

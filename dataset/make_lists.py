@@ -22,6 +22,8 @@ def make_lists(root: str, out_dir: Optional[str] = None, dataset: str = DEFAULT_
     spec = get_dataset(dataset)
     out_dir = out_dir or spec.list_dir
     lists = spec.list_lines(root)
+    if lists["train"] and lists["val"]:
+        lists["trainval"] = lists["train"] + lists["val"]
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     for name, lines in lists.items():

@@ -46,7 +46,6 @@ class DatasetSpec:
 
     Attributes:
         name: the ``--dataset`` value; the list files live in ``dataset/list/<name>/``.
-        title: the dataset's name in messages.
         data_dir: the default ``--data-dir`` (the folder name its archives unpack to).
         class_names: one per train id.
         palette: ``(num_classes, 3)`` uint8 RGB, one colour per train id.
@@ -55,13 +54,13 @@ class DatasetSpec:
         encode_label: train ids -> the pixel values of the dataset's own label files (its evaluation server's
             format); train ids outside the classes (void) -> the dataset's void value.
         list_lines: data folder -> ``{list name: ["<image>\\t<label>" or "<image>", ...]}`` with paths relative to
-            the folder, sorted; ``FileNotFoundError`` (one line) when the folder does not have the dataset's layout.
+            the folder, sorted, ``train`` and ``val`` among them; ``FileNotFoundError`` (one line) when the folder
+            does not have the dataset's layout.
         training: train.py's defaults.
         evaluation: evaluate.py's and predict.py's defaults.
     """
 
     name: str
-    title: str
     data_dir: str
     class_names: Tuple[str, ...]
     palette: np.ndarray
