@@ -5,11 +5,11 @@
 
 The network has random weights (the time does not depend on them), batch-norm statistics measured on random images
 and the attention's ``gamma`` at 1, so that the attention counts in its logits. It is exported with
-``engine.onnx_export`` (what export_onnx.py writes) to a temporary folder, beside its weights. Each row runs in
-a fresh process (``benchmarks.measure.run_isolated``) with the same number of threads (``--threads``, default
-torch's): one untimed call, then ``--repeats`` timed forward passes on one image batch; the table gives the median
-and the fastest, the peak resident memory of the process during the calls (Python, torch and the runtime
-included) and the largest difference of its logits from onnxruntime's.
+``engine.onnx_export`` (what export_onnx.py writes) to a temporary folder, beside its weights. The rows run in one
+fresh process (``benchmarks.measure.run_isolated``) with the same number of threads (``--threads``, default
+torch's), on one image batch: one untimed call of each row, then ``--repeats`` rounds of one timed call of each row
+in turn, so that whatever else runs on the machine slows every row alike. The table gives the median and the
+fastest call, and the largest difference of the logits from onnxruntime's.
 
 Rows: PyTorch as evaluate.py runs the network (eager, inference mode; the attention on the C++ ``cpu`` kernel;
 until eval mode skips it, the auxiliary head is computed too: about 6 % of the FLOPs at 769x769, not in the ONNX
@@ -22,12 +22,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
 
-from benchmarks.measure import PeakMemory, describe_device, run_isolated, time_calls
+from benchmarks.measure import describe_device, run_isolated, time_calls
 from engine.onnx_export import (INPUT_NAME, OUTPUT_NAME, ExportedSegmenter, ExportError, export_onnx,
                                 onnxruntime_session)
 from networks import BACKBONES, build_model
@@ -69,61 +69,68 @@ def _images(config: LatencyConfig) -> torch.Tensor:
     return torch.rand((config.batch_size, 3, *config.size), generator=torch.Generator().manual_seed(1)) * 255 - 120
 
 
-def measure(config: LatencyConfig, runtime: str, backend: str, folder: str) -> dict:
-    """One row, in this process, of the network saved in ``folder`` (``weights.pth``, ``network.onnx``):
-    ``{"times", "peak", "logits"}`` (seconds per call, bytes, the last call's logits as a numpy array)."""
-    torch.set_num_threads(config.threads)
-    images = _images(config)
+def _forward(config: LatencyConfig, runtime: str, backend: str, folder: str, model: torch.nn.Module,
+             images: torch.Tensor) -> Callable[[], np.ndarray]:
+    """One row's forward pass of the network saved in ``folder`` (``weights.pth`` loaded into ``model``,
+    ``network.onnx``): a call that returns the logits as a numpy array."""
     if runtime == "onnxruntime":
         session = onnxruntime_session(os.path.join(folder, "network.onnx"), config.threads)
         feed = {INPUT_NAME: images.numpy()}
+        return lambda: session.run([OUTPUT_NAME], feed)[0]
+    network = ExportedSegmenter(model)
 
-        def call():
-            return session.run([OUTPUT_NAME], feed)[0]
-    else:
-        model = build_network(config.backbone)
-        model.load_state_dict(torch.load(os.path.join(folder, "weights.pth"), weights_only=True))
+    def call() -> np.ndarray:
         model.head.cca.backend = backend
-        network = ExportedSegmenter(model.eval())
+        with torch.inference_mode():
+            return network(images).numpy()
+    return call
 
-        def call():
-            with torch.inference_mode():
-                return network(images).numpy()
-    outputs = []
-    with PeakMemory("cpu") as memory:
-        times = time_calls(lambda: outputs.append(call()), config.repeats, "cpu", warmup=1)
-    return {"times": times, "peak": memory.peak, "logits": outputs[-1]}
+
+def measure(config: LatencyConfig, folder: str) -> Dict[Tuple[str, str], object]:
+    """Every row of :data:`ROWS`, in this process, interleaved: a first, untimed call of each, then
+    ``config.repeats`` rounds of one timed call of each row in turn, so that other load on the machine falls on
+    every row alike. Returns ``{row: {"times", "logits"}}``, or the one-line error of a row that could not run."""
+    torch.set_num_threads(config.threads)
+    images = _images(config)
+    model = build_network(config.backbone)
+    model.load_state_dict(torch.load(os.path.join(folder, "weights.pth"), weights_only=True))
+    model.eval()
+    results, calls = {}, {}
+    for row in ROWS:
+        try:
+            calls[row] = _forward(config, *row, folder, model, images)
+            results[row] = {"times": [], "logits": calls[row]()}
+        except Exception as error:  # shown in its row; the other rows still run
+            results[row] = f"{type(error).__name__}: {error}".splitlines()[0]
+            calls.pop(row)
+    for _ in range(config.repeats):
+        for row, call in calls.items():
+            results[row]["times"] += time_calls(call, 1, "cpu", warmup=0)
+    return results
 
 
 def latency_table(config: LatencyConfig, folder: str) -> str:
-    """The Markdown table of every row of :data:`ROWS` (each in a fresh process) for the network saved in
-    ``folder`` (see :func:`measure`); rows go to stderr as they come."""
+    """The Markdown table of :func:`measure` (run in a fresh process) for the network saved in ``folder``."""
     height, width = config.size
     torch.set_num_threads(config.threads)
     lines = [f"Forward pass of CCNet-{config.backbone} (R=2, {NUM_CLASSES} classes) at {height}x{width}, batch "
-             f"{config.batch_size}, on {describe_device('cpu')}; torch "
-             f"{torch.__version__}, onnxruntime {onnxruntime_version()}; median and fastest of {config.repeats} "
-             "after one untimed call.", "",
-             "| runtime | attention | median | fastest | peak RSS | max abs logit difference from onnxruntime |",
-             "|---|---|---|---|---|---|"]
-    results = {}
-    for runtime, backend in ROWS:
-        try:
-            results[runtime, backend] = run_isolated(measure, config, runtime, backend, folder)
-        except Exception as error:  # shown in its row; the other rows still run
-            results[runtime, backend] = f"{type(error).__name__}: {error}".splitlines()[0]
+             f"{config.batch_size}, on {describe_device('cpu')}; torch {torch.__version__}, onnxruntime "
+             f"{onnxruntime_version()}; median and fastest of {config.repeats} rounds (one call of each row in "
+             "turn) after one untimed call of each.", "",
+             "| runtime | attention | median | fastest | max abs logit difference from onnxruntime |",
+             "|---|---|---|---|---|"]
+    results = run_isolated(measure, config, folder)
     reference = results["onnxruntime", "reference"]
     for runtime, backend in ROWS:
         result = results[runtime, backend]
         if isinstance(result, str):
-            lines.append(f"| {runtime} | {backend} | n/a: {result} | | | |")
-        else:
-            difference = ("-" if runtime == "onnxruntime" or isinstance(reference, str) else
-                          f"{np.abs(result['logits'] - reference['logits']).max():.1e} "
-                          f"(largest logit {np.abs(reference['logits']).max():.1f})")
-            lines.append(f"| {runtime} | {backend} | {_duration(statistics.median(result['times']))} | "
-                         f"{_duration(min(result['times']))} | {result['peak'] / 2 ** 30:.2f} GiB | {difference} |")
-        print(lines[-1], file=sys.stderr, flush=True)
+            lines.append(f"| {runtime} | {backend} | n/a: {result} | | |")
+            continue
+        difference = ("-" if runtime == "onnxruntime" or isinstance(reference, str) else
+                      f"{np.abs(result['logits'] - reference['logits']).max():.1e} "
+                      f"(largest logit {np.abs(reference['logits']).max():.1f})")
+        lines.append(f"| {runtime} | {backend} | {_duration(statistics.median(result['times']))} | "
+                     f"{_duration(min(result['times']))} | {difference} |")
     return "\n".join(lines)
 
 
