@@ -5,29 +5,31 @@
 
 The network has random weights (the time does not depend on them), batch-norm statistics measured on random images
 and the attention's ``gamma`` at 1, so that the attention counts in its logits. It is exported with
-``engine.onnx_export`` (what export_onnx.py writes) to a temporary folder, beside its weights. The rows run in one
-fresh process (``benchmarks.measure.run_isolated``) with the same number of threads (``--threads``, default
-torch's), on one image batch: one untimed call of each row, then ``--repeats`` rounds of one timed call of each row
-in turn, so that whatever else runs on the machine slows every row alike. The table gives the median and the
-fastest call, and the largest difference of the logits from onnxruntime's.
+``engine.onnx_export`` (what export_onnx.py writes) to a temporary folder, beside its weights. Each row runs in a
+fresh process of its own (one runtime's threads never wait beside another's) with the same number of threads
+(``--threads``, default torch's), on one image batch, and the rows take turns: one untimed call of each, then
+``--repeats`` rounds of one timed call of each, so that whatever else runs on the machine slows every row alike.
+The table gives the median and the fastest call, and the largest difference of the logits from onnxruntime's.
 
 Rows: PyTorch as evaluate.py runs the network (eager, inference mode; the attention on the C++ ``cpu`` kernel;
 until eval mode skips it, the auxiliary head is computed too: about 6 % of the FLOPs at 769x769, not in the ONNX
 graph), PyTorch with the attention on the ``reference`` backend (the formulation in the ONNX file), and
 onnxruntime (CPU execution provider, all graph optimizations). Prints a Markdown table (also to ``--output``).
 """
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from benchmarks.measure import describe_device, run_isolated, time_calls
+from benchmarks.measure import describe_device, time_calls
 from engine.onnx_export import (INPUT_NAME, OUTPUT_NAME, ExportedSegmenter, ExportError, export_onnx,
                                 onnxruntime_session)
 from networks import BACKBONES, build_model
@@ -69,57 +71,81 @@ def _images(config: LatencyConfig) -> torch.Tensor:
     return torch.rand((config.batch_size, 3, *config.size), generator=torch.Generator().manual_seed(1)) * 255 - 120
 
 
-def _forward(config: LatencyConfig, runtime: str, backend: str, folder: str, model: torch.nn.Module,
-             images: torch.Tensor) -> Callable[[], np.ndarray]:
-    """One row's forward pass of the network saved in ``folder`` (``weights.pth`` loaded into ``model``,
-    ``network.onnx``): a call that returns the logits as a numpy array."""
-    if runtime == "onnxruntime":
-        session = onnxruntime_session(os.path.join(folder, "network.onnx"), config.threads)
-        feed = {INPUT_NAME: images.numpy()}
-        return lambda: session.run([OUTPUT_NAME], feed)[0]
-    network = ExportedSegmenter(model)
+_row: dict = {}  # in a row's worker process: its forward pass ("call"), or why it could not be built ("error")
 
-    def call() -> np.ndarray:
+
+def _start_row(config: LatencyConfig, runtime: str, backend: str, folder: str) -> None:
+    """A row's worker process starts here: its forward pass of the network saved in ``folder`` (``weights.pth``,
+    ``network.onnx``), a call returning the logits as a numpy array."""
+    try:
+        torch.set_num_threads(config.threads)
+        images = _images(config)
+        if runtime == "onnxruntime":
+            session = onnxruntime_session(os.path.join(folder, "network.onnx"), config.threads)
+            feed = {INPUT_NAME: images.numpy()}
+            _row["call"] = lambda: session.run([OUTPUT_NAME], feed)[0]
+            return
+        model = build_network(config.backbone)
+        model.load_state_dict(torch.load(os.path.join(folder, "weights.pth"), weights_only=True))
         model.head.cca.backend = backend
-        with torch.inference_mode():
-            return network(images).numpy()
-    return call
+        network = ExportedSegmenter(model.eval())
+
+        def call() -> np.ndarray:
+            with torch.inference_mode():
+                return network(images).numpy()
+        _row["call"] = call
+    except Exception as error:  # raised by the first call instead, with its message
+        _row["error"] = error
+
+
+def _timed_call(keep_logits: bool) -> Tuple[float, Optional[np.ndarray]]:
+    """One forward pass in a row's worker process: its seconds, and its logits if ``keep_logits``."""
+    if "error" in _row:
+        raise _row["error"]
+    outputs = []
+    seconds = time_calls(lambda: outputs.append(_row["call"]()), 1, "cpu", warmup=0)[0]
+    return seconds, outputs[0] if keep_logits else None
 
 
 def measure(config: LatencyConfig, folder: str) -> Dict[Tuple[str, str], object]:
-    """Every row of :data:`ROWS`, in this process, interleaved: a first, untimed call of each, then
-    ``config.repeats`` rounds of one timed call of each row in turn, so that other load on the machine falls on
-    every row alike. Returns ``{row: {"times", "logits"}}``, or the one-line error of a row that could not run."""
-    torch.set_num_threads(config.threads)
-    images = _images(config)
-    model = build_network(config.backbone)
-    model.load_state_dict(torch.load(os.path.join(folder, "weights.pth"), weights_only=True))
-    model.eval()
-    results, calls = {}, {}
-    for row in ROWS:
-        try:
-            calls[row] = _forward(config, *row, folder, model, images)
-            results[row] = {"times": [], "logits": calls[row]()}
-        except Exception as error:  # shown in its row; the other rows still run
-            results[row] = f"{type(error).__name__}: {error}".splitlines()[0]
-            calls.pop(row)
-    for _ in range(config.repeats):
-        for row, call in calls.items():
-            results[row]["times"] += time_calls(call, 1, "cpu", warmup=0)
+    """Every row of :data:`ROWS`, each in a fresh process of its own, the calls taking turns: a first, untimed call
+    of each, then ``config.repeats`` rounds of one timed call of each row, so that other load on the machine falls
+    on every row alike. Returns ``{row: {"times", "logits"}}``, or the one-line error of a row that could not run."""
+    context = multiprocessing.get_context("spawn")
+    workers = {row: ProcessPoolExecutor(1, mp_context=context, initializer=_start_row, initargs=(config, *row, folder))
+               for row in ROWS}
+    results: Dict[Tuple[str, str], object] = {row: {"times": [], "logits": None} for row in ROWS}
+    try:
+        for round_ in range(config.repeats + 1):  # round 0: the untimed call
+            for row, worker in workers.items():
+                if isinstance(results[row], str):
+                    continue
+                try:
+                    seconds, logits = worker.submit(_timed_call, round_ == config.repeats).result()
+                except Exception as error:  # shown in its row; the other rows still run
+                    results[row] = f"{type(error).__name__}: {error}".splitlines()[0]
+                    continue
+                if round_:
+                    results[row]["times"].append(seconds)
+                if logits is not None:
+                    results[row]["logits"] = logits
+    finally:
+        for worker in workers.values():
+            worker.shutdown()
     return results
 
 
 def latency_table(config: LatencyConfig, folder: str) -> str:
-    """The Markdown table of :func:`measure` (run in a fresh process) for the network saved in ``folder``."""
+    """The Markdown table of :func:`measure` for the network saved in ``folder``."""
     height, width = config.size
     torch.set_num_threads(config.threads)
     lines = [f"Forward pass of CCNet-{config.backbone} (R=2, {NUM_CLASSES} classes) at {height}x{width}, batch "
              f"{config.batch_size}, on {describe_device('cpu')}; torch {torch.__version__}, onnxruntime "
-             f"{onnxruntime_version()}; median and fastest of {config.repeats} rounds (one call of each row in "
-             "turn) after one untimed call of each.", "",
+             f"{onnxruntime_version()}; each row in its own process; median and fastest of {config.repeats} rounds "
+             "(one call of each row in turn) after one untimed call of each.", "",
              "| runtime | attention | median | fastest | max abs logit difference from onnxruntime |",
              "|---|---|---|---|---|"]
-    results = run_isolated(measure, config, folder)
+    results = measure(config, folder)
     reference = results["onnxruntime", "reference"]
     for runtime, backend in ROWS:
         result = results[runtime, backend]
