@@ -14,13 +14,12 @@ poly 0.9, 80000 iterations (its 160k variant scores about the same), whole-image
 mode='whole'``); docs/ade20k.md compares the rest of the two recipes.
 """
 import colorsys
-import glob
 import os
 from typing import Dict, List
 
 import numpy as np
 
-from dataset.segmentation import IGNORE_LABEL
+from dataset.segmentation import IGNORE_LABEL, find_list_lines
 from dataset.spec import DatasetSpec, EvaluationDefaults, TrainingDefaults
 
 # The 150 classes in the benchmark's order: annotation value k + 1 = train id k.
@@ -82,17 +81,9 @@ def train_ids_to_annotation(train_ids: np.ndarray) -> np.ndarray:
     return np.where((train_ids >= 0) & (train_ids < NUM_CLASSES), train_ids + 1, VOID).astype(np.uint8)
 
 
-def split_lines(root: str, folder: str) -> List[str]:
-    """Sorted ``<image>\\t<label>`` lines of ``images/<folder>/*.jpg``, relative to ``root``."""
-    lines = []
-    for image_path in sorted(glob.glob(os.path.join(root, "images", folder, "*.jpg"))):
-        image = os.path.relpath(image_path, root).replace(os.sep, "/")
-        stem = os.path.splitext(os.path.basename(image_path))[0]
-        label = f"annotations/{folder}/{stem}.png"
-        if not os.path.isfile(os.path.join(root, label)):
-            raise FileNotFoundError(f"annotation missing for {image}: {os.path.join(root, label)}")
-        lines.append(f"{image}\t{label}")
-    return lines
+def annotation_of(image: str) -> str:
+    """``images/<folder>/<stem>.jpg`` -> ``annotations/<folder>/<stem>.png``."""
+    return "annotations" + image[len("images"):-len(".jpg")] + ".png"
 
 
 def list_lines(root: str) -> Dict[str, List[str]]:
@@ -100,7 +91,8 @@ def list_lines(root: str) -> Dict[str, List[str]]:
     if not (os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "annotations"))):
         raise FileNotFoundError(f"not an ADE20K folder (ADEChallengeData2016: no images/ and annotations/ inside): "
                                 f"{root}")
-    return {name: split_lines(root, folder) for name, folder in SPLIT_FOLDERS.items()}
+    return {name: find_list_lines(root, f"images/{folder}/*.jpg", annotation_of)
+            for name, folder in SPLIT_FOLDERS.items()}
 
 
 ADE20K = DatasetSpec(

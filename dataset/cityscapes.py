@@ -8,42 +8,29 @@ The folder holds ``leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png`` and
 Defaults: the paper's training (batch 8, 769x769 crops, SGD lr 1e-2, weight decay 1e-4, 60000 iterations) and the
 original code's evaluation (sliding 769x769 tiles).
 """
-import glob
 import os
 from typing import Dict, List
 
 from dataset.labels import CLASS_NAMES, PALETTE, label_ids_to_train_ids, train_ids_to_label_ids
+from dataset.segmentation import find_list_lines
 from dataset.spec import DatasetSpec, EvaluationDefaults, TrainingDefaults
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
-def split_lines(root: str, split: str, with_labels: bool) -> List[str]:
-    """Sorted list lines of one split: ``<image>\\t<label>`` or ``<image>``, relative to ``root``."""
-    pattern = os.path.join(root, "leftImg8bit", split, "*", "*" + IMAGE_SUFFIX)
-    lines = []
-    for image_path in sorted(glob.glob(pattern)):
-        image = os.path.relpath(image_path, root).replace(os.sep, "/")
-        if not with_labels:
-            lines.append(image)
-            continue
-        city = os.path.basename(os.path.dirname(image_path))
-        stem = os.path.basename(image_path)[:-len(IMAGE_SUFFIX)]
-        label = f"gtFine/{split}/{city}/{stem}{LABEL_SUFFIX}"
-        if not os.path.isfile(os.path.join(root, label)):
-            raise FileNotFoundError(f"label missing for {image}: {os.path.join(root, label)}")
-        lines.append(f"{image}\t{label}")
-    return lines
+def label_of(image: str) -> str:
+    """``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` -> ``gtFine/<split>/<city>/<stem>_gtFine_labelIds.png``."""
+    return "gtFine" + image[len("leftImg8bit"):-len(IMAGE_SUFFIX)] + LABEL_SUFFIX
 
 
 def list_lines(root: str) -> Dict[str, List[str]]:
-    """``{"train", "val", "test"}`` list lines of the Cityscapes folder ``root`` (a split without images: no
-    lines)."""
+    """``{"train", "val", "test"}`` list lines of the Cityscapes folder ``root`` (test: images only; a split without
+    images: no lines)."""
     if not os.path.isdir(os.path.join(root, "leftImg8bit")):
         raise FileNotFoundError(f"not a Cityscapes folder (no leftImg8bit/ inside): {root}")
-    return {"train": split_lines(root, "train", True), "val": split_lines(root, "val", True),
-            "test": split_lines(root, "test", False)}
+    return {split: find_list_lines(root, f"leftImg8bit/{split}/*/*{IMAGE_SUFFIX}",
+                                   None if split == "test" else label_of) for split in ("train", "val", "test")}
 
 
 CITYSCAPES = DatasetSpec(

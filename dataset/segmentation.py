@@ -12,9 +12,10 @@ Reproducibility: each sample's random draws come from its own generator seeded w
 so an epoch's augmentations do not depend on the number of workers, on which worker loads which sample, or on
 where a resumed run starts. Call ``set_epoch`` before each epoch (before the DataLoader iterator is created).
 """
+import glob
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, List, Optional
 
 import cv2
 import numpy as np
@@ -83,6 +84,23 @@ def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[L
     if not entries:
         raise DataError(f"list file has no entries: {list_path}")
     return entries
+
+
+def find_list_lines(root: str, image_pattern: str, label_of: Optional[Callable[[str], str]] = None) -> List[str]:
+    """Sorted list lines of the images matching ``image_pattern`` (a glob relative to ``root``): ``<image>\\t<label>``
+    with ``label_of(image)`` the label's path, or ``<image>`` alone without ``label_of``; paths relative to ``root``,
+    '/'-separated. An image whose label is missing raises ``FileNotFoundError`` naming both."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(root, image_pattern))):
+        image = os.path.relpath(path, root).replace(os.sep, "/")
+        if label_of is None:
+            lines.append(image)
+            continue
+        label = label_of(image)
+        if not os.path.isfile(os.path.join(root, label)):
+            raise FileNotFoundError(f"label missing for {image}: {os.path.join(root, label)}")
+        lines.append(f"{image}\t{label}")
+    return lines
 
 
 def _read_image(entry: ListEntry, where: str) -> np.ndarray:
