@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from dataset.registry import get_dataset
+from dataset.registry import get_dataset, per_dataset
 from dataset.transforms import IMG_MEAN_BGR
 from engine.onnx_export import (INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, compare_with_onnxruntime,
                                 export_onnx)
@@ -39,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--input-size", type=parse_size, default=None, metavar="H,W",
                         help="size of the example input, and of any dimension that cannot stay dynamic; default: "
-                             "the dataset's evaluation tile (cityscapes 769,769; ade20k 512,512)")
+                             "the dataset's evaluation tile, " + per_dataset(lambda spec: spec.evaluation.input_size))
     parser.add_argument("--skip-check", action="store_true", help="do not run the file with onnxruntime")
     add_model_arguments(parser, gpu=False)
     return parser.parse_args(argv)

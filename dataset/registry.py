@@ -26,11 +26,11 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def per_dataset(value: Callable[[DatasetSpec], object]) -> str:
-    """``"cityscapes 769,769; ade20k 512,512"``: ``value(spec)`` for every dataset (sizes as ``H,W``), for a help
-    text."""
+    """``"769,769 (cityscapes), 512,512 (ade20k)"``: ``value(spec)`` for every dataset (sizes as ``H,W``), for a
+    help text."""
     def show(item) -> str:
         return ",".join(map(str, item)) if isinstance(item, tuple) else str(item)
-    return "; ".join(f"{name} {show(value(spec))}" for name, spec in DATASETS.items())
+    return ", ".join(f"{show(value(spec))} ({name})" for name, spec in DATASETS.items())
 
 
 def main(argv=None) -> int:

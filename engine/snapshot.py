@@ -50,10 +50,11 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     default to the dataset's (filled in by :func:`load_snapshot`)."""
     tiles = per_dataset(lambda spec: spec.evaluation.input_size)
     parser.add_argument("--input-size", type=parse_size, default=None,
-                        help=f"sliding-window tile 'H,W'; default: the dataset's ({tiles})")
+                        help=f"sliding-window tile 'H,W'; default: the dataset's, {tiles}")
     parser.add_argument("--whole", action=argparse.BooleanOptionalAction, default=None,
                         help="predict the whole image at once (no tiles), or (--no-whole) in sliding tiles; "
-                             f"default: the dataset's ({per_dataset(lambda spec: spec.evaluation.whole)})")
+                             "default: the dataset's: "
+                             + per_dataset(lambda spec: "whole image" if spec.evaluation.whole else "tiles"))
     parser.add_argument("--scales", type=parse_scales, default=[1.0],
                         help="image scales to average, e.g. 0.75,1.0,1.25")
     parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
