@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo benchmark report benchmark-train inplace-abn clean
+.PHONY: test demo benchmark report benchmark-train benchmark-onnx inplace-abn clean
 
 # Create the virtual environment and install everything the tests need (once; again when requirements change).
 $(STAMP): requirements.txt requirements-dev.txt
@@ -43,6 +43,10 @@ report: $(STAMP)
 # One training step of CCNet-R101 at 769x769, batch 2 and 8: fp32 vs bf16, NCHW vs channels_last.
 benchmark-train: $(STAMP)
 	$(PY) -m benchmarks.train_step
+
+# CPU latency of CCNet-R101 at 769x769 exported to ONNX: onnxruntime against PyTorch.
+benchmark-onnx: $(STAMP)
+	$(PY) -m benchmarks.onnx_latency
 
 clean:
 	rm -rf build .pytest_cache

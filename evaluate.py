@@ -1,21 +1,24 @@
-"""Evaluate a CCNet snapshot on a Cityscapes list: mIoU table, result.json, and optionally the predictions.
+"""Evaluate a CCNet snapshot on a dataset's list (Cityscapes, ADE20K): mIoU table, result.json, and optionally the
+predictions.
 
     python evaluate.py --data-dir CS --restore-from snapshots/CS_scenes_60000.pth            # sliding 769 tiles
     python evaluate.py ... --whole --scales 0.75,1.0,1.25 --flip                              # multi-scale + flip
     torchrun --nproc_per_node 4 evaluate.py ...                                               # distributed
     python evaluate.py ... --data-list dataset/list/cityscapes/test.lst --save-pred outputs   # test server
 
-Inference (see ``utils.inference``): sliding window by default (tiles of ``--input-size``, 1/3 overlap, logits
-averaged: the original), ``--whole`` for one pass over the whole image; ``--scales`` / ``--flip`` average the
-logits of every scale and of the left-right mirrored image.
+Inference (see ``utils.inference``): the dataset's mode by default (Cityscapes: sliding window, tiles of
+``--input-size``, 1/3 overlap, logits averaged: the original; ADE20K: the whole image), ``--whole`` for one pass
+over the whole image, ``--no-whole`` for tiles; ``--scales`` / ``--flip`` average the logits of every scale and of
+the left-right mirrored image. ``--dataset`` and the model flags default to the snapshot's.
 
 Scores (see ``utils.metrics``): one confusion matrix over all valid pixels (summed over the processes under
 torchrun; each process takes a contiguous share of the list, so no image is counted twice or left out), IoU per
 class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if given, else beside the snapshot.
 
-``--save-pred DIR`` writes ``DIR/<stem>.png`` (paletted: pixel = train id, Cityscapes colours) and
-``DIR/labelIds/<image file name>`` (single channel, Cityscapes label ids, full resolution: the format of
-cityscapesScripts' evaluation and of the test server). Lists without labels (test.lst) are predicted, not scored.
+``--save-pred DIR`` writes ``DIR/<stem>.png`` (paletted: pixel = train id, in the dataset's colours) and
+``DIR/labelIds/<stem>.png`` (single channel, full resolution, the values of the dataset's label files: Cityscapes
+label ids, the format of cityscapesScripts' evaluation and of the test server; ADE20K 1..150). Lists without
+labels (test.lst) are predicted, not scored.
 """
 import os
 import sys
@@ -26,11 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset.cityscapes import CityscapesDataset, DataError
-from dataset.labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES
-from dataset.predictions import save_label_ids_png, save_paletted_png
+from dataset.predictions import save_label_png, save_paletted_png
+from dataset.registry import get_dataset, per_dataset
+from dataset.segmentation import IGNORE_LABEL, DataError
 from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
-                             inference_model)
+                             inference_model, load_snapshot)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main
 from utils.distributed import all_reduce_sum, apply_gpu_choice, barrier, is_main_process, process_group, shard
@@ -40,9 +43,11 @@ from utils.metrics import confusion_matrix, format_scores_table, scores_from_con
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = ArgumentParser(__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="cityscapes", help="Cityscapes root (holds leftImg8bit/, gtFine/)")
-    parser.add_argument("--data-list", default="dataset/list/cityscapes/val.lst",
-                        help="list file, '<image>\\t<label>' lines (or '<image>' only: predict without scoring)")
+    parser.add_argument("--data-dir", default=None, help="the dataset's folder; default: "
+                                                        + per_dataset(lambda spec: spec.data_dir))
+    parser.add_argument("--data-list", default=None,
+                        help="list file, '<image>\\t<label>' lines (or '<image>' only: predict without scoring); "
+                             "default: dataset/list/<dataset>/val.lst")
     add_model_arguments(parser)
     add_inference_arguments(parser)
     add_speed_arguments(parser)
@@ -73,6 +78,7 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     indices = shard(len(dataset), rank, world_size)
     loader = DataLoader(Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    spec = get_dataset(args.dataset)
     tile_size = None if args.whole else args.input_size
     conf = None
     for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
@@ -84,10 +90,9 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
             conf = batch_conf if conf is None else conf + batch_conf
         if args.save_pred:
             for train_ids, name in zip(prediction.to(torch.uint8).cpu().numpy(), names):
-                file_name = os.path.basename(name)
-                stem = os.path.splitext(file_name)[0]
-                save_paletted_png(os.path.join(args.save_pred, stem + ".png"), train_ids)
-                save_label_ids_png(os.path.join(args.save_pred, "labelIds", file_name), train_ids)
+                stem = os.path.splitext(os.path.basename(name))[0]
+                save_paletted_png(os.path.join(args.save_pred, stem + ".png"), train_ids, spec.palette)
+                save_label_png(os.path.join(args.save_pred, "labelIds", stem + ".png"), spec.encode_label(train_ids))
     if conf is None and dataset.entries[0].label_path is not None:  # a labelled list, but an empty share
         conf = torch.zeros(args.num_classes, args.num_classes, dtype=torch.int64, device=device)
     return conf
@@ -98,12 +103,15 @@ def run(args) -> None:
 
     Joins the process group that torchrun describes (if any) and leaves it at the end."""
     with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info:
-        dataset = CityscapesDataset(args.data_dir, args.data_list, training=False)
+        checkpoint = load_snapshot(args, verbose=is_main_process())  # also the dataset and its defaults
+        spec = get_dataset(args.dataset)
+        dataset = spec.dataset(args.data_dir, args.data_list, training=False)
         labelled = dataset.entries[0].label_path is not None
         if not labelled and not args.save_pred:
             raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write "
                             "predictions")
-        model = inference_model(build_and_load(args, info.device, verbose=is_main_process()), args, info.device)
+        model = inference_model(build_and_load(args, info.device, verbose=is_main_process(), checkpoint=checkpoint),
+                                args, info.device)
         start = time.time()
         conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
         if conf is not None:
@@ -118,7 +126,7 @@ def run(args) -> None:
                       f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
             if conf is not None:
                 scores = scores_from_confusion(conf)
-                class_names = (CLASS_NAMES if args.num_classes == NUM_CLASSES
+                class_names = (spec.class_names if args.num_classes == spec.num_classes
                                else [str(k) for k in range(args.num_classes)])
                 print(format_scores_table(scores, class_names))
                 result_dir = args.save_pred or os.path.dirname(os.path.abspath(args.restore_from))
@@ -126,7 +134,8 @@ def run(args) -> None:
                 write_result_json(result_path, scores, class_names, extra={
                     "snapshot": os.path.abspath(args.restore_from), "data_list": args.data_list,
                     "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
-                    "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence, "amp": args.amp,
+                    "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence, "dataset": args.dataset,
+                    "amp": args.amp,
                 })
                 print(f"result: {result_path}")
 

@@ -6,11 +6,12 @@
 Inputs: image files and/or folders (their images, not recursive), of any size, in any format OpenCV reads (PNG,
 JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<stem>``, writes to ``--output``:
 
-* ``<stem>.png``: the prediction as a paletted PNG (pixel = train id, shown in the Cityscapes colours);
+* ``<stem>.png``: the prediction as a paletted PNG (pixel = train id, shown in the dataset's colours);
 * ``<stem>_overlay.jpg``: the colours blended over the image (``--alpha``).
 
-Inference is evaluate.py's (sliding window of ``--input-size`` tiles by default, ``--whole``, ``--scales``,
-``--flip``; ``--channels-last``, ``--amp``).
+Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles, ADE20K the
+whole image; ``--whole`` / ``--no-whole``, ``--scales``, ``--flip``; ``--channels-last``, ``--amp``); ``--dataset``
+and the model flags default to the snapshot's.
 """
 import os
 import sys
@@ -20,6 +21,7 @@ import cv2
 import torch
 
 from dataset.predictions import overlay, save_paletted_png
+from dataset.registry import get_dataset
 from dataset.transforms import image_to_tensor
 from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
                              inference_model)
@@ -69,7 +71,8 @@ def run(args) -> None:
     """Segment the images ``args`` (from :func:`parse_args`) name; write the predictions and overlays."""
     images = find_images(args.inputs)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
-    model = inference_model(build_and_load(args, device), args, device)
+    model = inference_model(build_and_load(args, device), args, device)  # also resolves the dataset and its defaults
+    palette = get_dataset(args.dataset).palette
     tile_size = None if args.whole else args.input_size
     os.makedirs(args.output, exist_ok=True)
     for path in images:
@@ -80,8 +83,8 @@ def run(args) -> None:
                                 args.tile_batch)
         train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         stem = os.path.splitext(os.path.basename(path))[0]
-        save_paletted_png(os.path.join(args.output, stem + ".png"), train_ids)
-        cv2.imwrite(os.path.join(args.output, stem + "_overlay.jpg"), overlay(image, train_ids, args.alpha))
+        save_paletted_png(os.path.join(args.output, stem + ".png"), train_ids, palette)
+        cv2.imwrite(os.path.join(args.output, stem + "_overlay.jpg"), overlay(image, train_ids, palette, args.alpha))
         print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {os.path.join(args.output, stem)}.png, _overlay.jpg")
     print(f"{len(images)} image(s) segmented into {os.path.abspath(args.output)}")
 

@@ -1,10 +1,13 @@
-"""Train CCNet on Cityscapes (one process, or several through torchrun / DistributedDataParallel).
+"""Train CCNet on Cityscapes or ADE20K (one process, or several through torchrun / DistributedDataParallel).
 
     python train.py --data-dir cityscapes --random-mirror --random-scale                    # one GPU (or CPU)
     torchrun --nproc_per_node=4 train.py --data-dir cityscapes --random-mirror --random-scale  # 4 GPUs
+    torchrun --nproc_per_node=4 train.py --dataset ade20k --random-mirror --random-scale       # ADE20K
 
-The defaults are the paper's run: batch 8 (global, split over the processes), 769x769 crops, SGD lr 1e-2,
-momentum 0.9, weight decay 1e-4, poly 0.9, 60000 iterations, R=2. Snapshots ``CS_scenes_<iter>.pth`` go to
+The defaults are the dataset's (``dataset/cityscapes.py``, ``dataset/ade20k.py``); for Cityscapes the paper's run:
+batch 8 (global, split over the processes), 769x769 crops, SGD lr 1e-2, momentum 0.9, weight decay 1e-4, poly 0.9,
+60000 iterations, R=2; for ADE20K mmsegmentation's CCNet recipe (batch 16, 512x512 crops, weight decay 5e-4,
+80000 iterations). Snapshots ``CS_scenes_<iter>.pth`` go to
 ``--snapshot-dir`` every ``--save-pred-every`` iterations and at the end; ``--resume`` continues one exactly
 (same batches, same random draws). Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes.
 """
@@ -16,8 +19,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dataset.cityscapes import CityscapesDataset, DataError, worker_init_fn
+from dataset.registry import DATASET_NAMES, DEFAULT_DATASET, get_dataset, per_dataset
 from dataset.sampler import ResumableDistributedSampler
+from dataset.segmentation import DataError, worker_init_fn
+from dataset.spec import fill_unset
 from engine.train_step import (AMP_DTYPES, compile_forward_loss, fused_sgd_available, load_optimizer_state, make_sgd,
                                optimizer_step, use_channels_last)
 from libs.norm import NORM_KINDS, resolve_norm_kind
@@ -34,7 +39,7 @@ from utils.schedule import poly_lr, set_lr
 
 SNAPSHOT_PATTERN = "CS_scenes_{}.pth"
 # Flags whose change makes a resumed run differ from the uninterrupted one (warned about on --resume).
-RUN_DEFINING_FLAGS = ("data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
+RUN_DEFINING_FLAGS = ("dataset", "data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
                       "power", "num_steps", "recurrence", "ohem", "ohem_thres", "ohem_keep", "random_mirror",
                       "random_scale", "random_seed", "num_classes", "backbone", "model", "amp")
 
@@ -45,18 +50,26 @@ class TrainingError(RuntimeError):
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default="cityscapes",
-                      help="Cityscapes folder (holds leftImg8bit/ and gtFine/); list paths are relative to it")
-    data.add_argument("--data-list", default="./dataset/list/cityscapes/train.lst",
-                      help="list file of '<image>\\t<label>' lines to train on")
-    data.add_argument("--input-size", type=parse_size, default=(769, 769), metavar="H,W",
-                      help="training crop size; smaller images are padded (image 0, label ignored)")
+    data = parser.add_argument_group("data (a flag left out takes the dataset's default)")
+    data.add_argument("--dataset", choices=DATASET_NAMES, default=DEFAULT_DATASET,
+                      help="the dataset: its label format, classes and defaults (dataset/registry.py)")
+    data.add_argument("--data-dir", default=None,
+                      help="the dataset's folder (Cityscapes: holds leftImg8bit/ and gtFine/; ADE20K: images/ and "
+                           "annotations/); list paths are relative to it; default: "
+                           + per_dataset(lambda spec: spec.data_dir))
+    data.add_argument("--data-list", default=None,
+                      help="list file of '<image>\\t<label>' lines to train on; default: "
+                           "dataset/list/<dataset>/train.lst")
+    data.add_argument("--input-size", type=parse_size, default=None, metavar="H,W",
+                      help="training crop size; smaller images are padded (image 0, label ignored); default: "
+                           + per_dataset(lambda spec: spec.training.input_size))
     data.add_argument("--random-mirror", action="store_true", help="flip images horizontally with p = 0.5")
     data.add_argument("--random-scale", action="store_true",
                       help="rescale images by a random factor in {0.7, 0.8, ..., 2.1} before cropping")
     data.add_argument("--num-workers", type=parse_non_negative_int, default=8, help="data-loading processes per training process")
-    data.add_argument("--num-classes", type=parse_positive_int, default=19, help="number of classes the network predicts")
+    data.add_argument("--num-classes", type=parse_positive_int, default=None,
+                      help="number of classes the network predicts; default: "
+                           + per_dataset(lambda spec: spec.num_classes))
     data.add_argument("--ignore-label", type=int, default=255,
                       help="label value of the void pixels (unevaluated classes, padding), excluded from the loss; "
                            "any integer outside 0..num-classes-1")
@@ -76,13 +89,20 @@ def build_parser() -> ArgumentParser:
                             "with a warning; '' to skip silently)")
 
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--batch-size", type=parse_positive_int, default=8,
-                       help="GLOBAL batch size, split evenly over the processes (8 = 2 per GPU on 4 GPUs)")
-    optim.add_argument("--learning-rate", type=float, default=1e-2, help="base learning rate of the poly schedule")
+    optim.add_argument("--batch-size", type=parse_positive_int, default=None,
+                       help="GLOBAL batch size, split evenly over the processes (8 = 2 per GPU on 4 GPUs); default: "
+                            + per_dataset(lambda spec: spec.training.batch_size))
+    optim.add_argument("--learning-rate", type=float, default=None,
+                       help="base learning rate of the poly schedule; default: "
+                            + per_dataset(lambda spec: spec.training.learning_rate))
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (on every parameter)")
+    optim.add_argument("--weight-decay", type=float, default=None,
+                       help="SGD weight decay (on every parameter); default: "
+                            + per_dataset(lambda spec: spec.training.weight_decay))
     optim.add_argument("--power", type=float, default=0.9, help="poly schedule: lr = base * (1 - it/max) ** power")
-    optim.add_argument("--num-steps", type=parse_positive_int, default=60000, help="number of training iterations")
+    optim.add_argument("--num-steps", type=parse_positive_int, default=None,
+                       help="number of training iterations; default: "
+                            + per_dataset(lambda spec: spec.training.num_steps))
     optim.add_argument("--ohem", type=parse_bool, default=False, metavar="0|1",
                        help="online hard example mining on the main head")
     optim.add_argument("--ohem-thres", type=parse_fraction, default=0.7,
@@ -116,6 +136,7 @@ def build_parser() -> ArgumentParser:
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    fill_unset(args, get_dataset(args.dataset).training_args())
     if 0 <= args.ignore_label < args.num_classes:
         parser.error(f"--ignore-label {args.ignore_label} is a class id (0..{args.num_classes - 1}): pick a value "
                      "outside, e.g. 255 or -1")
@@ -126,9 +147,9 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------- the data
 def _make_loader(args, rank: int, world_size: int, device: torch.device):
-    dataset = CityscapesDataset(args.data_dir, args.data_list, crop_size=tuple(args.input_size),
-                                scale=args.random_scale, mirror=args.random_mirror, ignore_label=args.ignore_label,
-                                training=True, seed=args.random_seed)
+    dataset = get_dataset(args.dataset).dataset(
+        args.data_dir, args.data_list, crop_size=tuple(args.input_size), scale=args.random_scale,
+        mirror=args.random_mirror, ignore_label=args.ignore_label, training=True, seed=args.random_seed)
     per_process = args.batch_size // world_size
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.random_seed)
     iterations_per_epoch = len(sampler) // per_process

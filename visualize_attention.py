@@ -26,6 +26,7 @@ import torch
 
 from cc_attention.reference import ca_map_reference, ca_weight_reference
 from dataset.predictions import overlay
+from dataset.registry import get_dataset
 from dataset.transforms import image_to_tensor
 from engine.snapshot import add_model_arguments, add_speed_arguments, build_and_load, inference_model, load_snapshot
 from utils.checkpoint import CheckpointError
@@ -105,9 +106,11 @@ def _mark(panel: np.ndarray, point: Tuple[int, int]) -> np.ndarray:
     return panel
 
 
-def render(image_bgr: np.ndarray, train_ids: np.ndarray, point: Tuple[int, int], maps: Sequence[torch.Tensor]):
-    """One row: the prediction overlay with the point, then one heatmap per loop count."""
-    panels = [_caption(_mark(overlay(image_bgr, train_ids), point), f"point (y={point[0]}, x={point[1]})")]
+def render(image_bgr: np.ndarray, train_ids: np.ndarray, palette: np.ndarray, point: Tuple[int, int],
+           maps: Sequence[torch.Tensor]):
+    """One row: the prediction overlay (in the ``palette``'s colours) with the point, then one heatmap per loop
+    count."""
+    panels = [_caption(_mark(overlay(image_bgr, train_ids, palette), point), f"point (y={point[0]}, x={point[1]})")]
     panels += [_mark(_heatmap(image_bgr, weights, f"R={r}"), point) for r, weights in enumerate(maps, start=1)]
     return np.concatenate(panels, axis=1)
 
@@ -155,7 +158,7 @@ def run(args) -> None:
     rows = []
     for point in args.point:
         maps = context_maps(attentions, feature_point(point, (height, width), logits.shape[-2:]))
-        rows.append(render(image, train_ids, point, maps))
+        rows.append(render(image, train_ids, get_dataset(args.dataset).palette, point, maps))
     output = args.output or os.path.splitext(args.image)[0] + "_attention.png"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     cv2.imwrite(output, np.concatenate(rows, axis=0))

@@ -5,8 +5,8 @@ through a DataLoader with several workers.
     python -m benchmarks.data_loader --data-dir cityscapes --data-list dataset/list/cityscapes/train.lst   # real data
     python -m benchmarks.data_loader --height 256 --width 512 --crop 129 --workers 0,2   # a quick look
 
-The samples are train.py's: ``dataset.cityscapes.CityscapesDataset`` with random scale (0.7-2.1), random mirror and
-the ``--crop`` random crop, i.e. decoding the image and label PNGs, mapping the label ids, resizing, subtracting the
+The samples are train.py's: Cityscapes' ``dataset.segmentation.SegmentationDataset`` with random scale (0.7-2.1),
+random mirror and the ``--crop`` random crop, i.e. decoding the image and label PNGs, mapping the label ids, resizing, subtracting the
 mean, padding, cropping, flipping and making tensors. Without ``--data-dir``, ``--images`` scenes of ``dataset.
 generate_demo`` are written to a temporary folder first (their noisy textures make PNGs of about 4 MB, which decode
 slower than the ~2 MB photographs of Cityscapes: a pessimistic stand-in).
@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from benchmarks.measure import write_lines
-from dataset.cityscapes import CityscapesDataset, worker_init_fn
+from dataset.cityscapes import CITYSCAPES
+from dataset.segmentation import SegmentationDataset, worker_init_fn
 from dataset.generate_demo import generate
 from utils.cli import EXIT_OK, ArgumentParser, csv_of, parse_non_negative_int, parse_positive_int, parse_size
 
@@ -63,11 +64,11 @@ def parse_args(argv=None):
     return args
 
 
-def _dataset(root: str, list_path: str, crop) -> CityscapesDataset:
-    return CityscapesDataset(root, list_path, crop_size=tuple(crop), scale=True, mirror=True, training=True, seed=0)
+def _dataset(root: str, list_path: str, crop) -> SegmentationDataset:
+    return CITYSCAPES.dataset(root, list_path, crop_size=tuple(crop), scale=True, mirror=True, training=True, seed=0)
 
 
-def one_process_table(dataset: CityscapesDataset, samples: int) -> str:
+def one_process_table(dataset: SegmentationDataset, samples: int) -> str:
     """Milliseconds per sample in this process with one OpenCV thread: the whole sample, and decoding alone."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
@@ -93,7 +94,7 @@ def one_process_table(dataset: CityscapesDataset, samples: int) -> str:
     ])
 
 
-def loader_rate(dataset: CityscapesDataset, workers: int, batch_size: int, batches: int) -> float:
+def loader_rate(dataset: SegmentationDataset, workers: int, batch_size: int, batches: int) -> float:
     """Images/s of a DataLoader with ``workers`` processes over ``batches`` batches after the first one."""
     sampler = RandomSampler(dataset, replacement=True, num_samples=(batches + 1) * batch_size,
                             generator=torch.Generator().manual_seed(0))
@@ -112,7 +113,7 @@ def loader_rate(dataset: CityscapesDataset, workers: int, batch_size: int, batch
         cv2.setNumThreads(threads)
 
 
-def loader_table(dataset: CityscapesDataset, worker_counts: List[int], batch_size: int,
+def loader_table(dataset: SegmentationDataset, worker_counts: List[int], batch_size: int,
                  batches_per_worker: int) -> str:
     lines = ["| workers | images/s | images/s per worker |", "|---|---|---|"]
     rates = {}

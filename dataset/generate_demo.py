@@ -1,21 +1,30 @@
-"""Generate a small Cityscapes-format dataset of synthetic street scenes, for the demo and the tests.
+"""Generate a small dataset of synthetic street scenes in the Cityscapes or the ADE20K format, for the demo and the
+tests.
 
-    python -m dataset.generate_demo OUT_DIR [--num-train 24 --num-val 8 --height 128 --width 256 --seed 0]
+    python -m dataset.generate_demo OUT_DIR [--dataset cityscapes|ade20k] [--num-train 24 --num-val 8 --height 128
+                                            --width 256 --seed 0]
 
-Writes ``OUT_DIR/leftImg8bit/{train,val}/demoville/*_leftImg8bit.png``, ``OUT_DIR/gtFine/{train,val}/demoville/
-*_gtFine_labelIds.png`` (real Cityscapes label ids) and the list files ``OUT_DIR/{train,val}.lst``.
+Cityscapes (the default) writes ``OUT_DIR/leftImg8bit/{train,val}/demoville/*_leftImg8bit.png`` and
+``OUT_DIR/gtFine/{train,val}/demoville/*_gtFine_labelIds.png`` (real Cityscapes label ids); ADE20K writes
+``OUT_DIR/images/{training,validation}/ADE_{train,val}_<8 digits>.jpg`` and ``OUT_DIR/annotations/.../*.png``
+(ADE20K's values: 1..150 for the classes, 0 for void). Both write the list files ``OUT_DIR/{train,val}.lst``
+(what ``python -m dataset.make_lists OUT_DIR --dataset ...`` writes too). The two formats draw the same scenes.
 
 Each scene has sky (gradient, clouds), buildings (facades with window grids), vegetation (noisy green tree
 crowns), road (dark asphalt, dashed lane marks), cars (coloured bodies, dark windows, wheels) and people (head,
 torso, legs), each class with its own colour, texture and shape, so a small network learns them in minutes;
-the bottom rows are an "ego vehicle" bonnet (label id 1, ignored in training). Same seed -> same files.
+the bottom rows are an "ego vehicle" bonnet (label id 1; void in both formats, ignored in training). Same seed ->
+same files.
 """
 import os
 import sys
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import cv2
 import numpy as np
 
+from dataset.ade20k import ADE20K, SPLIT_FOLDERS
+from dataset.registry import DEFAULT_DATASET
 from utils.cli import EXIT_OK, ArgumentParser, parse_non_negative_int
 
 MIN_SIZE = 32  # pixels, the smallest height and width a scene is drawn at
@@ -174,25 +183,54 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
+class DemoFormat(NamedTuple):
+    """How one dataset's format stores a scene."""
+
+    files: Callable[[str, int, int], Tuple[str, str]]  # (split, split index, index) -> image, label (relative)
+    label_values: np.ndarray  # (256,) uint8: a drawn Cityscapes label id -> the value the format's label file holds
+
+
+def _cityscapes_files(split: str, split_index: int, index: int) -> Tuple[str, str]:
+    stem = f"{CITY}_{split_index:06d}_{index:06d}"
+    return f"leftImg8bit/{split}/{CITY}/{stem}_leftImg8bit.png", f"gtFine/{split}/{CITY}/{stem}_gtFine_labelIds.png"
+
+
+def _ade20k_files(split: str, split_index: int, index: int) -> Tuple[str, str]:
+    folder, stem = SPLIT_FOLDERS[split], f"ADE_{split}_{index + 1:08d}"
+    return f"images/{folder}/{stem}.jpg", f"annotations/{folder}/{stem}.png"
+
+
+def _ade20k_values() -> np.ndarray:
+    """Drawn Cityscapes label ids -> ADE20K annotation values (the class's index + 1; the ego vehicle: 0, void)."""
+    values = np.zeros(256, np.uint8)
+    for label_id, name in ((ROAD, "road"), (BUILDING, "building"), (VEGETATION, "tree"), (SKY, "sky"),
+                           (PERSON, "person"), (CAR, "car")):
+        values[label_id] = ADE20K.class_names.index(name) + 1
+    return values
+
+
+FORMATS: Dict[str, DemoFormat] = {
+    "cityscapes": DemoFormat(_cityscapes_files, np.arange(256, dtype=np.uint8)),
+    "ade20k": DemoFormat(_ade20k_files, _ade20k_values()),
+}
+
+
 def generate(out_dir: str, num_train: int = 24, num_val: int = 8, height: int = 128, width: int = 256,
-             seed: int = 0) -> dict[str, str]:
-    """Write the dataset; returns ``{"train": list path, "val": list path}``."""
+             seed: int = 0, dataset: str = DEFAULT_DATASET) -> dict[str, str]:
+    """Write the dataset in the format of ``dataset`` (a key of :data:`FORMATS`); returns ``{"train": list path,
+    "val": list path}``."""
     if height < MIN_SIZE or width < MIN_SIZE:
         raise ValueError(f"height and width must be at least {MIN_SIZE}, got {height}x{width}")
+    demo_format = FORMATS[dataset]
     lists = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        image_dir = os.path.join("leftImg8bit", split, CITY)
-        label_dir = os.path.join("gtFine", split, CITY)
-        os.makedirs(os.path.join(out_dir, image_dir), exist_ok=True)
-        os.makedirs(os.path.join(out_dir, label_dir), exist_ok=True)
         lines = []
         for index in range(count):
             image, label = make_scene(np.random.default_rng((seed, split_index, index)), height, width)
-            stem = f"{CITY}_{split_index:06d}_{index:06d}"
-            image_path = os.path.join(image_dir, f"{stem}_leftImg8bit.png")
-            label_path = os.path.join(label_dir, f"{stem}_gtFine_labelIds.png")
-            cv2.imwrite(os.path.join(out_dir, image_path), image)
-            cv2.imwrite(os.path.join(out_dir, label_path), label)
+            image_path, label_path = demo_format.files(split, split_index, index)
+            for path, pixels in ((image_path, image), (label_path, demo_format.label_values[label])):
+                os.makedirs(os.path.dirname(os.path.join(out_dir, path)), exist_ok=True)
+                cv2.imwrite(os.path.join(out_dir, path), pixels)
             lines.append(f"{image_path}\t{label_path}\n")
         lists[split] = os.path.join(out_dir, f"{split}.lst")
         with open(lists[split], "w", encoding="utf-8") as handle:
@@ -204,6 +242,8 @@ def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad command line."""
     parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (created if missing)")
+    parser.add_argument("--dataset", choices=tuple(FORMATS), default=DEFAULT_DATASET,
+                        help="the format to write the scenes in")
     parser.add_argument("--num-train", type=parse_non_negative_int, default=24, help="number of training scenes")
     parser.add_argument("--num-val", type=parse_non_negative_int, default=8, help="number of validation scenes")
     parser.add_argument("--height", type=parse_non_negative_int, default=128,
@@ -214,9 +254,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.height < MIN_SIZE or args.width < MIN_SIZE:
         parser.error(f"--height and --width must be >= {MIN_SIZE}, got {args.height}x{args.width}")
-    lists = generate(args.out_dir, args.num_train, args.num_val, args.height, args.width, args.seed)
-    print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out_dir}: {lists['train']}, "
-          f"{lists['val']}")
+    lists = generate(args.out_dir, args.num_train, args.num_val, args.height, args.width, args.seed, args.dataset)
+    print(f"wrote {args.num_train} train + {args.num_val} val scenes ({args.dataset} format) to {args.out_dir}: "
+          f"{lists['train']}, {lists['val']}")
     return EXIT_OK
 
 

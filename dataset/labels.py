@@ -6,8 +6,9 @@ check it against that package.
 """
 import numpy as np
 
+from dataset.segmentation import IGNORE_LABEL
+
 NUM_CLASSES = 19
-IGNORE_LABEL = 255
 
 # (label id, train id, name, RGB colour) for the 19 evaluated classes, in train-id order.
 _EVALUATED_LABELS = (

@@ -1,38 +1,39 @@
-"""Predictions (train ids) as files and pictures: paletted PNGs in the Cityscapes colours, label-id PNGs (the
-format of cityscapesScripts' evaluation and of the test server) and colour overlays."""
+"""Predictions (train ids) as files and pictures, in a dataset's colours (``DatasetSpec.palette``): paletted PNGs,
+label PNGs in the dataset's own format (``DatasetSpec.encode_label``: Cityscapes label ids for cityscapesScripts
+and the test server, ADE20K's 1..150) and colour overlays."""
 import os
 
 import numpy as np
 from PIL import Image
 
-from dataset.labels import PALETTE, train_ids_to_label_ids
 
-
-def colorize(train_ids: np.ndarray) -> np.ndarray:
-    """``(H, W)`` train ids -> ``(H, W, 3)`` uint8 RGB in the Cityscapes colours (ignore / unknown ids: black)."""
+def _palette_lookup(palette: np.ndarray) -> np.ndarray:
+    """``(K, 3)`` uint8 RGB -> ``(256, 3)``: one colour per possible uint8 train id, black beyond the classes."""
     lookup = np.zeros((256, 3), np.uint8)
-    lookup[: len(PALETTE)] = PALETTE
-    return lookup[np.asarray(train_ids, dtype=np.uint8)]
+    lookup[: len(palette)] = palette
+    return lookup
 
 
-def overlay(image_bgr: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def colorize(train_ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """``(H, W)`` train ids -> ``(H, W, 3)`` uint8 RGB in the ``(K, 3)`` ``palette`` (ignore / unknown ids: black)."""
+    return _palette_lookup(palette)[np.asarray(train_ids, dtype=np.uint8)]
+
+
+def overlay(image_bgr: np.ndarray, train_ids: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """``(H, W, 3)`` uint8 BGR image blended with the colorized ``(H, W)`` prediction -> ``(H, W, 3)`` uint8 BGR."""
-    colours = colorize(train_ids)[..., ::-1].astype(np.float32)
+    colours = colorize(train_ids, palette)[..., ::-1].astype(np.float32)
     return np.clip((1 - alpha) * image_bgr.astype(np.float32) + alpha * colours, 0, 255).astype(np.uint8)
 
 
-def save_paletted_png(path: str, train_ids: np.ndarray) -> None:
-    """Write ``(H, W)`` train ids as a paletted PNG: pixel index = train id, palette = the Cityscapes colours."""
+def save_paletted_png(path: str, train_ids: np.ndarray, palette: np.ndarray) -> None:
+    """Write ``(H, W)`` train ids as a paletted PNG: pixel index = train id, palette = the ``(K, 3)`` colours."""
     image = Image.fromarray(np.asarray(train_ids, dtype=np.uint8))
-    palette = np.zeros((256, 3), np.uint8)
-    palette[: len(PALETTE)] = PALETTE
-    image.putpalette(palette.tobytes())
+    image.putpalette(_palette_lookup(palette).tobytes())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image.save(path)
 
 
-def save_label_ids_png(path: str, train_ids: np.ndarray) -> None:
-    """Write ``(H, W)`` train ids as a single-channel PNG of Cityscapes label ids (what cityscapesScripts'
-    evaluation and the test server read)."""
+def save_label_png(path: str, labels: np.ndarray) -> None:
+    """Write ``(H, W)`` label values (e.g. ``DatasetSpec.encode_label(train_ids)``) as a single-channel uint8 PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(train_ids_to_label_ids(train_ids)).save(path)
+    Image.fromarray(np.asarray(labels, dtype=np.uint8)).save(path)

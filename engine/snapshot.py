@@ -1,10 +1,12 @@
 """A trained snapshot made a ready model, for the tools that run one (evaluate.py, predict.py,
-visualize_attention.py): their shared flags, the model flags resolved from the snapshot, building and loading, and
-how the model runs (:class:`InferenceModel`: memory format and autocast, ``--channels-last`` and ``--amp``).
+visualize_attention.py, export_onnx.py): their shared flags, the model flags resolved from the snapshot, building
+and loading, and how the model runs (:class:`InferenceModel`: memory format and autocast, ``--channels-last`` and
+``--amp``).
 
-The model flags default to None on the command line: :func:`resolve_model_args` fills them in from the
-snapshot's saved ``args`` (train.py saves them), else from :data:`MODEL_DEFAULTS` (the original's released
-snapshots are raw state dicts).
+The model flags (``--dataset`` among them) default to None on the command line: :func:`resolve_model_args` fills
+them in from the snapshot's saved ``args`` (train.py saves them), else from :data:`MODEL_DEFAULTS` (the original's
+released snapshots are raw state dicts); the number of classes defaults to the dataset's, and the inference flags
+to the dataset's evaluation defaults (``dataset.spec``).
 """
 import argparse
 import sys
@@ -13,21 +15,27 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from dataset.labels import NUM_CLASSES
+from dataset.registry import DATASET_NAMES, DEFAULT_DATASET, get_dataset, per_dataset
+from dataset.spec import fill_unset
 from engine.train_step import AMP_DTYPES, use_channels_last
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.cli import parse_auto_bool, parse_non_negative_int, parse_positive_int, parse_scales, parse_size
 from utils.distributed import add_gpu_argument
 
-# The model flags' values when neither the command line nor the snapshot's saved ``args`` give them.
-MODEL_DEFAULTS = {"model": "ccnet", "backbone": "resnet101", "recurrence": 2, "num_classes": NUM_CLASSES}
+# The model flags' values when neither the command line nor the snapshot's saved ``args`` give them (None: the
+# dataset's number of classes).
+MODEL_DEFAULTS = {"dataset": DEFAULT_DATASET, "model": "ccnet", "backbone": "resnet101", "recurrence": 2,
+                  "num_classes": None}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--restore-from --model --backbone --recurrence --num-classes --gpu``."""
+def add_model_arguments(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
+    """``--restore-from --dataset --model --backbone --recurrence --num-classes`` and ``--gpu`` (if ``gpu``)."""
     parser.add_argument("--restore-from", required=True, help="snapshot: ours (train.py) or an original release")
     from_snapshot = "default: the snapshot's (train.py saves its args), else {}"
+    parser.add_argument("--dataset", default=None, choices=DATASET_NAMES,
+                        help="what the model was trained on (its classes, colours and evaluation defaults); "
+                             + from_snapshot.format(MODEL_DEFAULTS["dataset"]))
     parser.add_argument("--model", default=None, choices=HEADS,
                         help="context head; " + from_snapshot.format(MODEL_DEFAULTS["model"]))
     parser.add_argument("--backbone", default=None, choices=tuple(BACKBONES),
@@ -35,14 +43,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recurrence", type=parse_non_negative_int, default=None,
                         help="R, criss-cross attention loops; " + from_snapshot.format(MODEL_DEFAULTS["recurrence"]))
     parser.add_argument("--num-classes", type=parse_positive_int, default=None,
-                        help="classes the model predicts; " + from_snapshot.format(MODEL_DEFAULTS["num_classes"]))
-    add_gpu_argument(parser)
+                        help="classes the model predicts; " + from_snapshot.format("the dataset's"))
+    if gpu:
+        add_gpu_argument(parser)
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--input-size --whole --scales --flip --tile-batch`` (see ``utils.inference.predict_logits``)."""
-    parser.add_argument("--input-size", type=parse_size, default=(769, 769), help="sliding-window tile 'H,W'")
-    parser.add_argument("--whole", action="store_true", help="predict the whole image at once (no tiles)")
+    """``--input-size --whole/--no-whole --scales --flip --tile-batch`` (see ``utils.inference.predict_logits``);
+    the first two default to the dataset's (filled in by :func:`load_snapshot`)."""
+    tiles = per_dataset(lambda spec: spec.evaluation.input_size)
+    parser.add_argument("--input-size", type=parse_size, default=None,
+                        help=f"sliding-window tile 'H,W'; default: the dataset's, {tiles}")
+    parser.add_argument("--whole", action=argparse.BooleanOptionalAction, default=None,
+                        help="predict the whole image at once (no tiles), or (--no-whole) in sliding tiles; "
+                             "default: the dataset's: "
+                             + per_dataset(lambda spec: "whole image" if spec.evaluation.whole else "tiles"))
     parser.add_argument("--scales", type=parse_scales, default=[1.0],
                         help="image scales to average, e.g. 0.75,1.0,1.25")
     parser.add_argument("--flip", action="store_true", help="also average the left-right mirrored prediction")
@@ -52,9 +67,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
-    """Fill in ``args.model / backbone / recurrence / num_classes`` left None on the command line: from the
-    snapshot's saved ``args`` (ours), else :data:`MODEL_DEFAULTS` (original releases: raw state dicts). A flag
-    given explicitly wins; if it differs from the snapshot's, one warning line is printed (when ``verbose``)."""
+    """Fill in ``args.dataset / model / backbone / recurrence / num_classes`` left None on the command line: from
+    the snapshot's saved ``args`` (ours), else :data:`MODEL_DEFAULTS` (original releases: raw state dicts), the
+    number of classes else the dataset's. A flag given explicitly wins; if it differs from the snapshot's, one
+    warning line is printed (when ``verbose``)."""
     saved = checkpoint.get("args")
     saved = saved if isinstance(saved, dict) else {}
     for name, default in MODEL_DEFAULTS.items():
@@ -64,12 +80,17 @@ def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
         elif stored is not None and given != stored and verbose:
             print(f"warning: --{name.replace('_', '-')} {given} differs from the snapshot's {stored} "
                   f"({args.restore_from})", file=sys.stderr)
+    if args.num_classes is None:
+        args.num_classes = get_dataset(args.dataset).num_classes
 
 
 def load_snapshot(args, verbose: bool = True) -> dict:
-    """Read ``args.restore_from`` (once) and resolve the model flags from it; returns the checkpoint."""
+    """Read ``args.restore_from`` (once) and resolve the model flags from it, then fill the flags the dataset has
+    evaluation defaults for (``--data-dir --data-list --input-size --whole``, those ``args`` has and left None);
+    returns the checkpoint."""
     checkpoint = load_checkpoint(args.restore_from)
     resolve_model_args(args, checkpoint, verbose)
+    fill_unset(args, get_dataset(args.dataset).evaluation_args())
     return checkpoint
 
 

@@ -15,12 +15,13 @@ from utils.cli import EXIT_FAILURE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # How to get each optional package that an ``extra(name)`` marker names.
-EXTRAS = {"inplace_abn": "`make inplace-abn`", "cityscapesscripts": "requirements-dev.txt"}
+EXTRAS = {"inplace_abn": "`make inplace-abn`", "cityscapesscripts": "requirements-dev.txt",
+          "onnxruntime": "requirements-dev.txt", "onnxscript": "requirements-dev.txt"}
 
 
 @dataclass(frozen=True)
 class DemoData:
-    """A generated Cityscapes-format dataset: the data dir and its two list files."""
+    """A generated dataset (Cityscapes or ADE20K format): the data dir and its two list files."""
 
     root: str
     train_list: str
@@ -40,15 +41,17 @@ def in_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """``demo_data(num_train, num_val, height, width, seed=0) -> DemoData``: scenes of ``dataset.generate_demo``,
-    generated once per session for each set of arguments. Shared: a test that changes files works on a copy."""
+    """``demo_data(num_train, num_val, height, width, seed=0, dataset="cityscapes") -> DemoData``: scenes of
+    ``dataset.generate_demo`` in the format of ``dataset``, generated once per session for each set of arguments.
+    Shared: a test that changes files works on a copy."""
     made = {}
 
-    def make(num_train: int, num_val: int, height: int, width: int, seed: int = 0) -> DemoData:
-        key = (num_train, num_val, height, width, seed)
+    def make(num_train: int, num_val: int, height: int, width: int, seed: int = 0,
+             dataset: str = "cityscapes") -> DemoData:
+        key = (num_train, num_val, height, width, seed, dataset)
         if key not in made:
             root = tmp_path_factory.mktemp("demo_data")
-            lists = generate(str(root), num_train, num_val, height, width, seed)
+            lists = generate(str(root), num_train, num_val, height, width, seed, dataset)
             made[key] = DemoData(str(root), lists["train"], lists["val"])
         return made[key]
 

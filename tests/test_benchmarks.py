@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import cc_attention_op, data_loader, inference, model_report, train_step
+from benchmarks import cc_attention_op, data_loader, inference, model_report, onnx_latency, train_step
 from benchmarks.measure import PeakMemory, count_gflops, run_isolated, time_calls
 from networks import BACKBONES
 
@@ -205,3 +205,17 @@ def test_gpu_check_script_runs_every_step_quickly_and_keeps_rows_past_a_timeout(
             if line.startswith("| 1 |")]
     assert 1 <= len(rows) < 5 and "3 step(s) failed" in done.stdout
     assert "(inference: stopped by its 1 s timeout" in done.stdout  # the steps after a timeout still run
+
+
+@pytest.mark.slow
+@pytest.mark.extra("onnxscript")
+@pytest.mark.extra("onnxruntime")
+def test_onnx_latency_table_times_pytorch_and_onnxruntime_on_the_same_network(capsys):
+    assert onnx_latency.main(["--backbone", "tiny", "--size", "65", "--repeats", "1"]) == 0
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| pytorch |", "| onnxruntime |"))]
+    assert [row[:2] for row in rows] == [list(row) for row in onnx_latency.ROWS]
+    assert all(row[2].endswith(("ms", " s")) and not row[2].startswith("n/a") for row in rows)
+    for row in rows[:2]:  # PyTorch's logits against onnxruntime's
+        difference, largest = float(row[4].split()[0]), float(row[4].split()[-1].rstrip(")"))
+        assert difference <= 1e-4 * max(largest, 1.0) and largest > 0.1

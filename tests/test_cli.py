@@ -9,8 +9,8 @@ from utils.cli import (EXIT_USAGE, csv_choices, csv_of, parse_auto_bool, parse_b
                        parse_size)
 
 SCRIPTS = ("train", "evaluate", "predict", "visualize_attention", "dataset.generate_demo", "dataset.make_lists",
-           "benchmarks.cc_attention_op", "benchmarks.model_report", "benchmarks.train_step", "benchmarks.inference",
-           "benchmarks.data_loader")
+           "dataset.registry", "export_onnx", "benchmarks.cc_attention_op", "benchmarks.model_report",
+           "benchmarks.train_step", "benchmarks.inference", "benchmarks.data_loader", "benchmarks.onnx_latency")
 
 
 @pytest.mark.parametrize("parse, text, value", [

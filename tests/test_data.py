@@ -1,4 +1,5 @@
-"""The dataset: list reading, augmentation, evaluation mode, bad data, the demo generator, the list maker."""
+"""The dataset (Cityscapes format): list reading, augmentation, evaluation mode, bad data, the demo generator, the
+list maker."""
 import os
 import shutil
 
@@ -8,11 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataset.cityscapes import CityscapesDataset, DataError, read_list
+from dataset.cityscapes import CITYSCAPES
 from dataset.generate_demo import generate
 from dataset.labels import label_ids_to_train_ids
 from dataset.make_lists import make_lists
 from dataset.sampler import ResumableDistributedSampler
+from dataset.segmentation import DataError, read_list
 from dataset.transforms import preprocess_image
 
 HEIGHT, WIDTH = 48, 96
@@ -33,7 +35,7 @@ def _copy(demo, tmp_path):
 
 def test_eval_mode_returns_full_preprocessed_image_and_train_ids(demo):
     root, lists = demo
-    dataset = CityscapesDataset(root, lists["val"], training=False)
+    dataset = CITYSCAPES.dataset(root, lists["val"], training=False)
     image, label, name = dataset[1]
     entry = read_list(root, lists["val"])[1]
     expected = preprocess_image(cv2.imread(entry.image_path)).transpose(2, 0, 1)
@@ -47,21 +49,21 @@ def test_image_only_list_gives_no_label(demo, tmp_path):
     root, lists = demo
     test_list = tmp_path / "test.lst"
     test_list.write_text("".join(line.split("\t")[0] + "\n" for line in open(lists["val"])))
-    image, label, _ = CityscapesDataset(root, str(test_list), training=False)[0]
+    image, label, _ = CITYSCAPES.dataset(root, str(test_list), training=False)[0]
     assert image.shape == (3, HEIGHT, WIDTH) and label is None
     with pytest.raises(DataError, match="image-only"):
-        CityscapesDataset(root, str(test_list), training=True)
+        CITYSCAPES.dataset(root, str(test_list), training=True)
 
 
 def test_training_crop_pads_with_zero_and_ignore(demo):
     root, lists = demo
-    dataset = CityscapesDataset(root, lists["train"], crop_size=(64, 128), training=True)  # larger than 48x96
+    dataset = CITYSCAPES.dataset(root, lists["train"], crop_size=(64, 128), training=True)  # larger than 48x96
     image, label, _ = dataset[0]
     assert image.shape == (3, 64, 128) and label.shape == (64, 128) and label.dtype == torch.int64
     # the image is 48x96 and the crop offset is 0: the bottom/right padding is image 0, label 255
     assert (image[:, HEIGHT:] == 0).all() and (image[:, :, WIDTH:] == 0).all()
     assert (label[HEIGHT:] == 255).all() and (label[:, WIDTH:] == 255).all()
-    full_image, full_label, _ = CityscapesDataset(root, lists["train"], training=False)[0]
+    full_image, full_label, _ = CITYSCAPES.dataset(root, lists["train"], training=False)[0]
     torch.testing.assert_close(image[:, :HEIGHT, :WIDTH], full_image, rtol=0, atol=0)
     torch.testing.assert_close(label[:HEIGHT, :WIDTH], full_label, rtol=0, atol=0)
 
@@ -69,7 +71,7 @@ def test_training_crop_pads_with_zero_and_ignore(demo):
 def test_augmentation_is_reproducible_and_varies_with_epoch(demo):
     root, lists = demo
     kwargs = dict(crop_size=(32, 48), scale=True, mirror=True, seed=7)
-    first, second = CityscapesDataset(root, lists["train"], **kwargs), CityscapesDataset(root, lists["train"], **kwargs)
+    first, second = (CITYSCAPES.dataset(root, lists["train"], **kwargs) for _ in range(2))
     for index in range(4):
         assert torch.equal(first[index][0], second[index][0]) and torch.equal(first[index][1], second[index][1])
     second.set_epoch(1)
@@ -98,7 +100,7 @@ def _original_augmentation(image, label, crop, rng):
 def test_training_samples_are_the_originals_bit_for_bit(demo, crop):
     """Scale, mirror, padding and crop of every sample as in the original order, exactly (our order is faster)."""
     root, lists = demo
-    dataset = CityscapesDataset(root, lists["train"], crop_size=crop, scale=True, mirror=True, seed=5)
+    dataset = CITYSCAPES.dataset(root, lists["train"], crop_size=crop, scale=True, mirror=True, seed=5)
     entries = read_list(root, lists["train"])
     for epoch in range(6):
         dataset.set_epoch(epoch)
@@ -115,8 +117,8 @@ def test_training_samples_are_the_originals_bit_for_bit(demo, crop):
 def test_mirror_and_scale_keep_image_and_label_aligned(demo):
     """The label of every crop equals the (rescaled, flipped) label of the pixels the image crop shows."""
     root, lists = demo
-    full_image, full_label, _ = CityscapesDataset(root, lists["train"], training=False)[0]
-    dataset = CityscapesDataset(root, lists["train"], crop_size=(HEIGHT, WIDTH), mirror=True, training=True)
+    full_image, full_label, _ = CITYSCAPES.dataset(root, lists["train"], training=False)[0]
+    dataset = CITYSCAPES.dataset(root, lists["train"], crop_size=(HEIGHT, WIDTH), mirror=True, training=True)
     flips = 0
     for epoch in range(8):
         dataset.set_epoch(epoch)
@@ -127,7 +129,7 @@ def test_mirror_and_scale_keep_image_and_label_aligned(demo):
         expected_label = full_label.flip(-1) if flipped else full_label
         assert torch.equal(image, expected_image) and torch.equal(label, expected_label)
     assert 0 < flips < 8
-    scaled = CityscapesDataset(root, lists["train"], crop_size=(200, 400), scale=True, training=True)
+    scaled = CITYSCAPES.dataset(root, lists["train"], crop_size=(200, 400), scale=True, training=True)
     heights = set()
     for epoch in range(12):
         scaled.set_epoch(epoch)
@@ -142,7 +144,7 @@ def test_bad_list_line_is_a_one_line_error(demo, tmp_path):
     lines = open(lists["train"]).read().splitlines()
     bad_list.write_text("\n".join([lines[0], "leftImg8bit/train/demoville/missing.png\t" + lines[0].split("\t")[1]]))
     with pytest.raises(DataError) as error:
-        CityscapesDataset(root, str(bad_list))
+        CITYSCAPES.dataset(root, str(bad_list))
     message = str(error.value)
     assert "\n" not in message and f"{bad_list} line 2" in message and "missing.png" in message
     with pytest.raises(DataError, match="data dir not found"):
@@ -161,7 +163,7 @@ def test_unreadable_image_and_size_mismatch_through_worker_processes(demo, tmp_p
     with open(entries[1].image_path, "wb") as handle:
         handle.write(b"not a png")
     cv2.imwrite(entries[2].label_path, np.zeros((10, 10), np.uint8))
-    dataset = CityscapesDataset(str(root), str(root / "train.lst"), crop_size=(32, 32))
+    dataset = CITYSCAPES.dataset(str(root), str(root / "train.lst"), crop_size=(32, 32))
     for index, expected in ((1, "line 2: cannot read image"), (2, "line 3: label .* is 10x10 but its image is 48x96")):
         batches = iter(DataLoader(torch.utils.data.Subset(dataset, [index]), batch_size=1, num_workers=1))
         with pytest.raises(DataError, match=expected) as error:
@@ -190,7 +192,7 @@ def test_make_lists_reproduces_the_original_format(demo, tmp_path, capsys):
     root, lists = demo
     written = make_lists(root, str(tmp_path))
     assert written == {"train": 4, "val": 2, "trainval": 6}  # no test images in the demo: no test.lst
-    assert "no images" in capsys.readouterr().err
+    assert "no test images" in capsys.readouterr().err
     assert (tmp_path / "train.lst").read_text() == open(lists["train"]).read()
     trainval = (tmp_path / "trainval.lst").read_text()
     assert trainval == open(lists["train"]).read() + open(lists["val"]).read()
@@ -212,11 +214,11 @@ def test_resumable_sampler_continues_the_epoch(world_size):
 
 def test_ignore_label_other_than_255_marks_void_and_padding(demo):
     root, lists = demo
-    default = CityscapesDataset(root, lists["train"], crop_size=(64, 128), training=True)[0][1]
-    label = CityscapesDataset(root, lists["train"], crop_size=(64, 128), ignore_label=-1, training=True)[0][1]
+    default = CITYSCAPES.dataset(root, lists["train"], crop_size=(64, 128), training=True)[0][1]
+    label = CITYSCAPES.dataset(root, lists["train"], crop_size=(64, 128), ignore_label=-1, training=True)[0][1]
     assert (default == 255).any() and not (label == 255).any()
     assert torch.equal(label == -1, default == 255) and torch.equal(label[label != -1], default[default != 255])
-    val_label = CityscapesDataset(root, lists["train"], ignore_label=-1, training=False)[0][1]
+    val_label = CITYSCAPES.dataset(root, lists["train"], ignore_label=-1, training=False)[0][1]
     assert torch.equal(val_label, label[:HEIGHT, :WIDTH])
 
 
@@ -231,8 +233,8 @@ def test_list_paths_may_hold_spaces(demo, tmp_path):
     entries = read_list(str(tmp_path), str(spaced))
     assert [(e.name, e.label_path) for e in entries] == [
         ("my city/a b.png", str(tmp_path / "my city" / "a b label.png")), ("my city/a b.png", None)]
-    expected = CityscapesDataset(root, lists["train"], training=False)[0]
-    got = CityscapesDataset(str(tmp_path), str(spaced), training=False)[0]
+    expected = CITYSCAPES.dataset(root, lists["train"], training=False)[0]
+    got = CITYSCAPES.dataset(str(tmp_path), str(spaced), training=False)[0]
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     spaces_only = tmp_path / "spaces.lst"
     spaces_only.write_text(f"{image} {label}\n")

@@ -8,9 +8,11 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_generates_trains_evaluates_and_prints_the_table(tmp_path, repo_root):
+@pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
+def test_demo_generates_trains_evaluates_and_prints_the_table(tmp_path, repo_root, dataset):
     env = dict(os.environ, PYTHON=sys.executable, DEMO_DATA=str(tmp_path / "data"), DEMO_RUN=str(tmp_path / "run"), DEMO_TRAIN="4",
-               DEMO_VAL="2", DEMO_HEIGHT="64", DEMO_WIDTH="128", DEMO_CROP="64,128", DEMO_BS="2", DEMO_STEPS="3")
+               DEMO_VAL="2", DEMO_HEIGHT="64", DEMO_WIDTH="128", DEMO_CROP="64,128", DEMO_BS="2", DEMO_STEPS="3",
+               DATASET=dataset)
     done = subprocess.run([str(repo_root / "run_local.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "mean IoU" in done.stdout and "pixel accuracy" in done.stdout
@@ -20,14 +22,16 @@ def test_demo_generates_trains_evaluates_and_prints_the_table(tmp_path, repo_roo
     assert len(os.listdir(predictions / "labelIds")) == 2
     assert (tmp_path / "run" / "snapshots" / "CS_scenes_3.pth").is_file()
     result = json.loads((predictions / "result.json").read_text())
-    assert result["num_images"] == 2 and result["recurrence"] == 2
+    assert result["num_images"] == 2 and result["recurrence"] == 2 and result["dataset"] == dataset
 
 
 @pytest.mark.slow
-def test_the_cityscapes_recipe_runs_train_then_evaluate_under_torchrun(tmp_path, repo_root, demo_data):
-    """`./run_local.sh CS_PATH` on a generated dataset, 2 CPU processes, 2 steps: the whole chain works."""
-    data = demo_data(num_train=4, num_val=3, height=64, width=128)
-    env = dict(os.environ, PYTHON=sys.executable, GPU_IDS="cpu", NPROC="2", STEPS="2", BS="2", INPUT_SIZE="48",
+@pytest.mark.parametrize("dataset, processes", [("cityscapes", 2), ("ade20k", 1)])
+def test_the_recipe_runs_train_then_evaluate_under_torchrun(tmp_path, repo_root, demo_data, dataset, processes):
+    """`./run_local.sh DATA_PATH` on a generated dataset, CPU processes, 2 steps: the whole chain works."""
+    data = demo_data(num_train=4, num_val=3, height=64, width=128, dataset=dataset)
+    env = dict(os.environ, PYTHON=sys.executable, GPU_IDS="cpu", NPROC=str(processes), STEPS="2", BS="2",
+               INPUT_SIZE="48", DATASET=dataset,
                BACKBONE="tiny", RESTORE_FROM="", NUM_WORKERS="0", TRAIN_LIST=data.train_list, VAL_LIST=data.val_list,
                SNAPSHOT_DIR=str(tmp_path / "snapshots"))
     done = subprocess.run([str(repo_root / "run_local.sh"), data.root], env=env, capture_output=True, text=True,
@@ -35,5 +39,7 @@ def test_the_cityscapes_recipe_runs_train_then_evaluate_under_torchrun(tmp_path,
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "--ohem 1 --ohem-thres 0.7 --ohem-keep 100000" in done.stderr  # the original's settings, traced by set -x
     assert "--recurrence 2" in done.stderr and "--random-mirror --random-scale" in done.stderr
+    assert "--learning-rate 0.01 --weight-decay " + {"cityscapes": "0.0001", "ade20k": "0.0005"}[dataset] in done.stderr
     result = json.loads((tmp_path / "snapshots" / "result.json").read_text())
-    assert result["num_images"] == 3 and result["input_size"] == [48, 48] and result["whole"] is False
+    assert result["num_images"] == 3 and result["input_size"] == [48, 48] and result["dataset"] == dataset
+    assert result["whole"] is (dataset == "ade20k")  # each dataset's evaluation mode

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import evaluate
-from dataset.cityscapes import CityscapesDataset
+from dataset.cityscapes import CITYSCAPES
 from dataset.labels import CLASS_NAMES, NUM_CLASSES, PALETTE, label_ids_to_train_ids, train_ids_to_label_ids
-from dataset.predictions import save_label_ids_png, save_paletted_png
+from dataset.predictions import save_label_png, save_paletted_png
 from engine.snapshot import resolve_model_args
 from networks import build_model
 from utils.checkpoint import save_checkpoint
@@ -29,7 +29,7 @@ def demo(tmp_path_factory, demo_data):
     data = demo_data(num_train=0, num_val=5, height=64, width=128, seed=3)
     torch.manual_seed(0)
     model = build_model(backbone="tiny", norm="bn")
-    images = torch.stack([CityscapesDataset(data.root, data.val_list, training=False)[i][0] for i in range(5)])
+    images = torch.stack([CITYSCAPES.dataset(data.root, data.val_list, training=False)[i][0] for i in range(5)])
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = 1.0  # running statistics := those of the one batch
@@ -47,12 +47,12 @@ def _args(demo, *extra):
 
 def test_label_id_png_round_trips_and_palette_png_holds_train_ids(tmp_path):
     train_ids = np.arange(NUM_CLASSES, dtype=np.uint8).repeat(3).reshape(3, NUM_CLASSES)
-    save_label_ids_png(str(tmp_path / "labelIds" / "a.png"), train_ids)
+    save_label_png(str(tmp_path / "labelIds" / "a.png"), train_ids_to_label_ids(train_ids))
     label_ids = cv2.imread(str(tmp_path / "labelIds" / "a.png"), cv2.IMREAD_UNCHANGED)
     assert label_ids.ndim == 2 and label_ids.dtype == np.uint8
     assert np.array_equal(label_ids, train_ids_to_label_ids(train_ids))
     assert np.array_equal(label_ids_to_train_ids(label_ids), train_ids)
-    save_paletted_png(str(tmp_path / "a.png"), train_ids)
+    save_paletted_png(str(tmp_path / "a.png"), train_ids, PALETTE)
     paletted = Image.open(tmp_path / "a.png")
     assert paletted.mode == "P"
     assert np.array_equal(np.asarray(paletted), train_ids)
