@@ -26,12 +26,21 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already says its default or X is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with the scripts' conventions: defaults shown in ``--help``; a bad command line
     is one line on stderr (not the usage block) and exit code :data:`EXIT_USAGE`."""
 
     def __init__(self, description: str, **kwargs):
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(description=description, formatter_class=_DefaultsHelpFormatter, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
