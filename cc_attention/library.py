@@ -5,7 +5,7 @@ a GPU is visible, their CUDA kernels (``csrc/cuda``); the dispatcher picks the k
 compiled with :func:`torch.utils.cpp_extension.load` the first time a kernel is needed and cached in
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name that records the CPU's instruction
 sets (the CPU code is built with ``-march=native``: a cache shared between different CPUs must not hand one CPU's
-build to another) and whether the CUDA kernels are in it.
+build to another), the checkout and whether the CUDA kernels are in it.
 
 The fake kernels say what each operator returns (shapes, dtypes, strides) without computing it: ``torch.compile``
 and ``torch.export`` trace the operators with them. Inductor's on-disk cache keys compiled graphs without the fake
@@ -71,10 +71,18 @@ def _cpu_tag() -> str:
     return hashlib.sha1(" ".join(sorted(identity.split(":", 1)[-1].split())).encode()).hexdigest()[:10]
 
 
+def _checkout_tag() -> str:
+    """A short hash of this checkout's ``csrc`` folder path. torch keys a cached build on the source paths and
+    include paths too: two checkouts sharing one cache under one name would rebuild each other's library at every
+    load."""
+    return hashlib.sha1(str(_CSRC).encode()).hexdigest()[:6]
+
+
 def library_name(with_cuda: bool) -> str:
-    """``ccnet_cc_attention_<machine>_<ISA hash>[_cuda]``: one cached build per kind of CPU and variant."""
+    """``ccnet_cc_attention_<machine>_<ISA hash>_<checkout hash>[_cuda]``: one cached build per kind of CPU,
+    checkout and variant."""
     machine = re.sub(r"\W", "_", platform.machine().lower()) or "cpu"
-    return f"ccnet_cc_attention_{machine}_{_cpu_tag()}" + ("_cuda" if with_cuda else "")
+    return f"ccnet_cc_attention_{machine}_{_cpu_tag()}_{_checkout_tag()}" + ("_cuda" if with_cuda else "")
 
 
 def _prepare_cuda_build(cpp_extension) -> None:

@@ -371,11 +371,13 @@ def test_auto_warns_once_and_falls_back_to_the_reference(fresh_decisions, monkey
     torch.testing.assert_close(again, expected)
 
 
-def test_library_name_records_the_cpu_and_the_variant():
+def test_library_name_records_the_cpu_the_checkout_and_the_variant(monkeypatch, tmp_path):
     name = library.library_name(with_cuda=False)
     assert name.startswith("ccnet_cc_attention_") and name.isidentifier() and name == library.library_name(False)
     assert library.library_name(with_cuda=True) == name + "_cuda"
     assert len(library._cpu_tag()) == 10
+    monkeypatch.setattr(library, "_CSRC", tmp_path / "csrc")  # another checkout: another cached build
+    assert library.library_name(with_cuda=False) != name
 
 
 # --- the CUDA sources compile without a GPU -----------------------------------------------------------------------
