@@ -182,6 +182,24 @@ def test_data_loader_benchmark_times_samples_and_worker_counts(capsys, tmp_path)
 
 
 @pytest.mark.slow
+def test_gpu_check_op_part_builds_tests_and_writes_the_op_table(repo_root, tmp_path):
+    """benchmarks/gpu_check.sh OUT op with QUICK=1 (on the CPU: the GPU tests skip): every step ends with exit 0 and
+    results.md holds the op table, plain PyTorch first; an unknown PART is a usage error."""
+    env = dict(os.environ, QUICK="1", PYTHON=sys.executable)
+    script = str(repo_root / "benchmarks" / "gpu_check.sh")
+    done = subprocess.run(["bash", script, str(tmp_path / "out"), "op"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("machine", "build the kernels", "GPU tests", "criss-cross attention op"):
+        assert f"== {name}: exit 0 after" in done.stdout
+    assert "== throughput" not in done.stdout
+    rows = _table_rows((tmp_path / "out" / "results.md").read_text(), "1 | fp32 | nchw | op |")
+    assert [row[4] for row in rows] == ["plain", "reference", "kernels"] and rows[0][9] == "1.00x / 1.00x"
+    bad = subprocess.run(["bash", script, str(tmp_path / "bad"), "everything"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "PART must be all, op or throughput" in bad.stderr
+
+
+@pytest.mark.slow
 def test_gpu_check_script_runs_every_step_quickly_and_keeps_rows_past_a_timeout(repo_root, tmp_path):
     """QUICK=1 (tiny sizes; no compiled row, for time): every step's table, and the exit code; then timeouts: the
     training step's keeps the rows it finished, and the steps after it still run."""
