@@ -19,6 +19,11 @@ class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if gi
 ``DIR/labelIds/<stem>.png`` (single channel, full resolution, the values of the dataset's label files: Cityscapes
 label ids, the format of cityscapesScripts' evaluation and of the test server; ADE20K 1..150). Lists without
 labels (test.lst) are predicted, not scored.
+
+Before the model is built: every listed file exists, is not empty and may be read (``dataset.segmentation.
+read_list``), and ``--save-pred`` is a folder whose outputs replace no listed file and that holds none
+(``utils.outputs``). Labels with values outside the dataset's table or without a valid pixel are counted (the
+dataset's ``label_flags``, summed over the processes) and reported at the end, and in result.json.
 """
 import os
 import sys
@@ -135,6 +140,7 @@ def run(args) -> None:
         conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
         if conf is not None:
             all_reduce_sum(conf)
+        label_flags = all_reduce_sum(dataset.label_flags.to(info.device, torch.int64))  # each process: its share
         barrier()
         if is_main_process():
             mode = "whole image" if args.whole else f"sliding {args.input_size[0]}x{args.input_size[1]} tiles"
@@ -143,6 +149,9 @@ def run(args) -> None:
             if args.save_pred:
                 print(f"predictions: {os.path.abspath(args.save_pred)} (colour) and "
                       f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
+            label_problems = dataset.label_problems(label_flags.cpu())
+            for line in dataset.describe_label_problems(label_problems):
+                print(f"warning: {line}", file=sys.stderr)
             if conf is not None:
                 scores = scores_from_confusion(conf)
                 class_names = (spec.class_names if args.num_classes == spec.num_classes
@@ -155,6 +164,7 @@ def run(args) -> None:
                     "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
                     "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence, "dataset": args.dataset,
                     "amp": args.amp,
+                    "label_problems": {name: len(entries) for name, entries in label_problems.items()},
                 })
                 print(f"result: {result_path}")
 
