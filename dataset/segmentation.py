@@ -153,14 +153,13 @@ class SegmentationDataset(Dataset):
     (the pixels the dataset leaves unevaluated, and the padding; any integer outside the train ids, e.g. 255 or -1).
 
     Labels: a colour or 16-bit label file, or one of another size than its image, raises ``DataError`` naming it.
-    Labels that are read but suspect are flagged in ``label_flags``, ``(len(self),)`` uint8 in shared memory, one bit
-    per problem of :data:`LABEL_PROBLEMS`: values above ``max_label_value`` (read as void: a Cityscapes label id
-    above 33, e.g. the 255 of a train-id label) and no valid pixel at all. Every sample's bits are set by whichever
-    process reads it (a DataLoader worker writes into the same shared memory), so the process that made the dataset
-    sees them all once the samples have been loaded: :meth:`label_problems` lists them. The first label with each
-    problem is also named in a warning line on stderr, by the process that reads it: once with the samples read in
-    one process; with DataLoader workers, once per worker that meets such a label before any is recorded (so at
-    most one line per worker, and none in later epochs). A complete count: :meth:`label_problems`.
+    Labels that can be read but look wrong are flagged in ``label_flags``, ``(len(self),)`` uint8 in shared memory,
+    one bit per problem of :data:`LABEL_PROBLEMS`: values above ``max_label_value`` (a Cityscapes label id above 33,
+    e.g. the 255 of a train-id label) and no valid pixel at all. A sample's bits are set by whichever process reads
+    it (a DataLoader worker writes into the same shared memory), so once the samples are loaded the process that
+    made the dataset sees them all: :meth:`label_problems`. The first label of each problem is also named in a
+    warning line on stderr by the process that reads it: once in a single process; with DataLoader workers, by each
+    worker that meets one before any is recorded (at most one line per worker, none in later epochs).
     """
 
     def __init__(self, data_dir: str, list_path: str, decode_label: Callable[[np.ndarray], np.ndarray],
