@@ -260,7 +260,7 @@ def test_colour_and_16_bit_labels_are_refused_naming_the_file(demo_data, tmp_pat
         assert str(error.value).startswith(f"{list_path} line 1: label {entry.label_path} {problem}")
 
 
-@pytest.mark.parametrize("dataset, unknown, void", [("cityscapes", 40, 0), ("ade20k", None, 0)])
+@pytest.mark.parametrize("dataset, unknown, void", [("cityscapes", 40, 0), ("cityscapes", 255, 0), ("ade20k", None, 0)])
 def test_unknown_values_and_all_void_labels_are_flagged(demo_data, tmp_path, capsys, dataset, unknown, void):
     """Cityscapes: a label id above 33 is read as void and flagged; ADE20K refuses such values (its decoder), so
     only the all-void label is flagged there. The first of each kind is named once on stderr."""
@@ -287,8 +287,10 @@ def test_unknown_values_and_all_void_labels_are_flagged(demo_data, tmp_path, cap
     assert err[-1] == f"warning: {list_path} line 2: label {entries[1].label_path} has no valid pixel: all void, " \
                       "nothing to learn or score (further labels like it are counted, not named)"
     if unknown is not None:
+        hint = " (train-id labels? pass the label-id files, *_labelIds.png)" if unknown == 255 else ""
         assert len(err) == 2 and err[0] == f"warning: {list_path} line 1: label {entries[0].label_path} holds values " \
-            "outside the dataset's label table 0..33 (40), read as void (further labels like it are counted, not named)"
+            f"outside the dataset's label table 0..33 ({unknown}), read as void{hint} (further labels like it are " \
+            "counted, not named)"
     else:
         assert len(err) == 1
     assert samples.describe_label_problems(problems)[-1] == f"2 of 3 labels have no valid pixel (all void); the " \
