@@ -19,11 +19,16 @@ class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if gi
 ``DIR/labelIds/<stem>.png`` (single channel, full resolution, the values of the dataset's label files: Cityscapes
 label ids, the format of cityscapesScripts' evaluation and of the test server; ADE20K 1..150). Lists without
 labels (test.lst) are predicted, not scored.
+
+Before the model is built: every listed file exists, is not empty and may be read (``dataset.segmentation.
+read_list``), and ``--save-pred`` is a folder whose outputs replace no listed file and that holds none
+(``utils.outputs``). Labels with values outside the dataset's table or without a valid pixel are counted (the
+dataset's ``label_flags``, summed over the processes) and reported at the end, and in result.json.
 """
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -37,8 +42,9 @@ from engine.snapshot import (add_inference_arguments, add_model_arguments, add_s
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main
 from utils.distributed import all_reduce_sum, apply_gpu_choice, barrier, is_main_process, process_group, shard
-from utils.inference import predict_logits
+from utils.inference import check_scales, predict_logits
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
+from utils.outputs import check_output_folder
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -70,6 +76,21 @@ def collate(batch):
     return torch.stack(images), stacked_labels, list(names)
 
 
+def prediction_paths(save_pred: str, name: str) -> Tuple[str, str]:
+    """The two PNGs ``--save-pred`` writes for the listed image ``name``: ``<save_pred>/<stem>.png`` (colour) and
+    ``<save_pred>/labelIds/<stem>.png`` (the dataset's label values)."""
+    stem = os.path.splitext(os.path.basename(name))[0] + ".png"
+    return os.path.join(save_pred, stem), os.path.join(save_pred, "labelIds", stem)
+
+
+def check_save_pred(save_pred: str, entries) -> None:
+    """Before any work: ``--save-pred`` must be a folder (or not exist yet) whose outputs (the predictions of
+    ``entries`` and result.json) replace no listed image or label, and that holds none (``utils.outputs``)."""
+    written = [path for entry in entries for path in prediction_paths(save_pred, entry.name)]
+    inputs = [path for entry in entries for path in (entry.image_path, entry.label_path) if path is not None]
+    check_output_folder("--save-pred", save_pred, written + [os.path.join(save_pred, "result.json")], inputs)
+
+
 def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, show_progress: bool = True):
     """Predict this process's share of ``dataset``; write PNGs if ``args.save_pred``.
 
@@ -82,6 +103,7 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     tile_size = None if args.whole else args.input_size
     conf = None
     for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
+        check_scales(images.shape[-2:], args.scales, ", ".join(names))
         logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip,
                                 args.tile_batch)
         prediction = logits.argmax(dim=1)  # (N, H, W) train ids
@@ -90,9 +112,9 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
             conf = batch_conf if conf is None else conf + batch_conf
         if args.save_pred:
             for train_ids, name in zip(prediction.to(torch.uint8).cpu().numpy(), names):
-                stem = os.path.splitext(os.path.basename(name))[0]
-                save_paletted_png(os.path.join(args.save_pred, stem + ".png"), train_ids, spec.palette)
-                save_label_png(os.path.join(args.save_pred, "labelIds", stem + ".png"), spec.encode_label(train_ids))
+                colour_path, label_path = prediction_paths(args.save_pred, name)
+                save_paletted_png(colour_path, train_ids, spec.palette)
+                save_label_png(label_path, spec.encode_label(train_ids))
     if conf is None and dataset.entries[0].label_path is not None:  # a labelled list, but an empty share
         conf = torch.zeros(args.num_classes, args.num_classes, dtype=torch.int64, device=device)
     return conf
@@ -110,12 +132,15 @@ def run(args) -> None:
         if not labelled and not args.save_pred:
             raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write "
                             "predictions")
+        if args.save_pred:
+            check_save_pred(args.save_pred, dataset.entries)
         model = inference_model(build_and_load(args, info.device, verbose=is_main_process(), checkpoint=checkpoint),
                                 args, info.device)
         start = time.time()
         conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
         if conf is not None:
             all_reduce_sum(conf)
+        label_flags = all_reduce_sum(dataset.label_flags.to(info.device, torch.int64))  # each process: its share
         barrier()
         if is_main_process():
             mode = "whole image" if args.whole else f"sliding {args.input_size[0]}x{args.input_size[1]} tiles"
@@ -124,6 +149,9 @@ def run(args) -> None:
             if args.save_pred:
                 print(f"predictions: {os.path.abspath(args.save_pred)} (colour) and "
                       f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
+            label_problems = dataset.label_problems(label_flags.cpu())
+            for line in dataset.describe_label_problems(label_problems):
+                print(f"warning: {line}", file=sys.stderr)
             if conf is not None:
                 scores = scores_from_confusion(conf)
                 class_names = (spec.class_names if args.num_classes == spec.num_classes
@@ -136,6 +164,7 @@ def run(args) -> None:
                     "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
                     "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence, "dataset": args.dataset,
                     "amp": args.amp,
+                    "label_problems": {name: len(entries) for name, entries in label_problems.items()},
                 })
                 print(f"result: {result_path}")
 

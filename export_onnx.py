@@ -30,6 +30,7 @@ from engine.onnx_export import (INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, com
 from engine.snapshot import add_model_arguments, build_and_load, load_snapshot
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_size, run_main
+from utils.outputs import check_output_file
 
 RELATIVE_TOLERANCE = 1e-2  # of the largest |logit|: the check's limit for float32 on another runtime
 
@@ -55,6 +56,7 @@ def check_shapes(input_size, dynamic: dict) -> list:
 
 def run(args) -> None:
     """Export the snapshot ``args`` (from :func:`parse_args`) name; check the file unless told not to."""
+    check_output_file("--output", args.output, [args.restore_from])
     checkpoint = load_snapshot(args)  # the model flags, the dataset, and the input size's default
     model = build_and_load(args, torch.device("cpu"), checkpoint=checkpoint)
     spec = get_dataset(args.dataset)

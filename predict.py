@@ -15,7 +15,7 @@ and the model flags default to the snapshot's.
 """
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import torch
@@ -28,7 +28,8 @@ from engine.snapshot import (add_inference_arguments, add_model_arguments, add_s
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_fraction, run_main
 from utils.distributed import apply_gpu_choice
-from utils.inference import predict_logits
+from utils.inference import check_scales, predict_logits
+from utils.outputs import check_output_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -67,9 +68,17 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return parser.parse_args(argv)
 
 
+def output_paths(output: str, image: str) -> Tuple[str, str]:
+    """The two files written for ``image``: ``<output>/<stem>.png`` and ``<output>/<stem>_overlay.jpg``."""
+    stem = os.path.join(output, os.path.splitext(os.path.basename(image))[0])
+    return stem + ".png", stem + "_overlay.jpg"
+
+
 def run(args) -> None:
     """Segment the images ``args`` (from :func:`parse_args`) name; write the predictions and overlays."""
     images = find_images(args.inputs)
+    written = [path for image in images for path in output_paths(args.output, image)]
+    check_output_folder("--output", args.output, written, images)  # before any work: outputs never replace inputs
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
     model = inference_model(build_and_load(args, device), args, device)  # also resolves the dataset and its defaults
     palette = get_dataset(args.dataset).palette
@@ -79,13 +88,14 @@ def run(args) -> None:
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f"cannot read image {path}")
+        check_scales(image.shape[:2], args.scales, path)
         logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
                                 args.tile_batch)
         train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-        stem = os.path.splitext(os.path.basename(path))[0]
-        save_paletted_png(os.path.join(args.output, stem + ".png"), train_ids, palette)
-        cv2.imwrite(os.path.join(args.output, stem + "_overlay.jpg"), overlay(image, train_ids, palette, args.alpha))
-        print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {os.path.join(args.output, stem)}.png, _overlay.jpg")
+        prediction_path, overlay_path = output_paths(args.output, path)
+        save_paletted_png(prediction_path, train_ids, palette)
+        cv2.imwrite(overlay_path, overlay(image, train_ids, palette, args.alpha))
+        print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {prediction_path}, {overlay_path}")
     print(f"{len(images)} image(s) segmented into {os.path.abspath(args.output)}")
 
 

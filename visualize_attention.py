@@ -32,7 +32,9 @@ from engine.snapshot import add_model_arguments, add_speed_arguments, build_and_
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_point, parse_positive_float, run_main
 from utils.distributed import apply_gpu_choice
+from utils.inference import check_scales
 from utils.logits import upsample_logits
+from utils.outputs import check_output_file
 
 
 def capture_attention(model, images: torch.Tensor, runner=None) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -139,9 +141,12 @@ def check_model_args(args) -> None:
 
 def run(args) -> None:
     """Draw the attention figure ``args`` (from :func:`parse_args`) describe."""
+    output = args.output or os.path.splitext(args.image)[0] + "_attention.png"
+    check_output_file("--output", output, [args.image])
     image = cv2.imread(args.image, cv2.IMREAD_COLOR)
     if image is None:
         raise FileNotFoundError(f"cannot read image {args.image}")
+    check_scales(image.shape[:2], [args.scale], args.image, flag="--scale")
     if args.scale != 1.0:
         image = cv2.resize(image, None, fx=args.scale, fy=args.scale, interpolation=cv2.INTER_LINEAR)
     height, width = image.shape[:2]
@@ -159,7 +164,6 @@ def run(args) -> None:
     for point in args.point:
         maps = context_maps(attentions, feature_point(point, (height, width), logits.shape[-2:]))
         rows.append(render(image, train_ids, get_dataset(args.dataset).palette, point, maps))
-    output = args.output or os.path.splitext(args.image)[0] + "_attention.png"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     cv2.imwrite(output, np.concatenate(rows, axis=0))
     print(f"attention of {len(args.point)} point(s) after R = 1..{len(attentions)} loops: {output}")

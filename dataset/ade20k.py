@@ -101,6 +101,7 @@ ADE20K = DatasetSpec(
     class_names=CLASS_NAMES,
     palette=PALETTE,
     decode_label=annotation_to_train_ids,
+    max_label_value=NUM_CLASSES,
     encode_label=train_ids_to_annotation,
     list_lines=list_lines,
     training=TrainingDefaults(input_size=(512, 512), batch_size=16, learning_rate=1e-2, weight_decay=5e-4,

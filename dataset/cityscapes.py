@@ -11,7 +11,7 @@ original code's evaluation (sliding 769x769 tiles).
 import os
 from typing import Dict, List
 
-from dataset.labels import CLASS_NAMES, PALETTE, label_ids_to_train_ids, train_ids_to_label_ids
+from dataset.labels import CLASS_NAMES, MAX_LABEL_ID, PALETTE, label_ids_to_train_ids, train_ids_to_label_ids
 from dataset.segmentation import find_list_lines
 from dataset.spec import DatasetSpec, EvaluationDefaults, TrainingDefaults
 
@@ -39,6 +39,7 @@ CITYSCAPES = DatasetSpec(
     class_names=CLASS_NAMES,
     palette=PALETTE,
     decode_label=label_ids_to_train_ids,
+    max_label_value=MAX_LABEL_ID,
     encode_label=train_ids_to_label_ids,
     list_lines=list_lines,
     training=TrainingDefaults(input_size=(769, 769), batch_size=8, learning_rate=1e-2, weight_decay=1e-4,

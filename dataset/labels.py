@@ -9,6 +9,7 @@ import numpy as np
 from dataset.segmentation import IGNORE_LABEL
 
 NUM_CLASSES = 19
+MAX_LABEL_ID = 33  # cityscapesScripts' label ids are 0..33 (and -1, never drawn into the files); more: unknown
 
 # (label id, train id, name, RGB colour) for the 19 evaluated classes, in train-id order.
 _EVALUATED_LABELS = (

@@ -16,8 +16,9 @@ where a resumed run starts. Call ``set_epoch`` before each epoch (before the Dat
 """
 import glob
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -27,8 +28,15 @@ from torch.utils.data import Dataset
 from dataset.transforms import image_to_tensor, preprocess_chw
 
 IGNORE_LABEL = 255  # train id of the void pixels in decoded labels, and of the padding of training crops
-MIN_SCALE = 0.7
+MIN_SCALE = 0.7  # > 0.5: cv2.resize rounds a side to the nearest pixel, so even a 1x1 image keeps 1 pixel a side
 NUM_SCALES = 15  # 0.7, 0.8, ..., 2.1
+# The problems a label can have that do not stop a run: a bit each in ``SegmentationDataset.label_flags``, with
+# the name they are counted under and what they say of the labels that have them.
+UNKNOWN_VALUES = 1
+NO_VALID_PIXEL = 2
+LABEL_PROBLEMS = {UNKNOWN_VALUES: ("unknown_values", "hold values outside the dataset's label table (read as void)"),
+                  NO_VALID_PIXEL: ("no_valid_pixel", "have no valid pixel (all void)")}
+TRAIN_ID_HINT = " (train-id labels? pass the label-id files, *_labelIds.png)"
 
 
 class DataError(RuntimeError):
@@ -56,7 +64,8 @@ class ListEntry:
 def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[ListEntry]:
     """Parse a list file; raise ``DataError`` naming the file and line for anything wrong.
 
-    check_files: also check that every listed file exists (a stat per file: cheap even for 3475 lines).
+    check_files: also check that every listed file exists, is not empty and may be read (a stat per file: cheap
+    even for 3475 lines), so that a bad file at line 480 stops the run before the first image, not after 479.
     """
     if not os.path.isdir(data_dir):
         raise DataError(f"data dir not found: {data_dir}")
@@ -82,6 +91,10 @@ def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[L
                         if label_path is None and len(fields[0].split()) == 2:
                             hint = " (image and label must be separated by a tab, not spaces)"
                         raise DataError(f"{where}: file not found: {path}{hint}")
+                    if path is not None and os.path.getsize(path) == 0:
+                        raise DataError(f"{where}: empty file: {path}")
+                    if path is not None and not os.access(path, os.R_OK):
+                        raise DataError(f"{where}: no permission to read {path}")
             entries.append(ListEntry(image_path, label_path, fields[0], line_number))
     if not entries:
         raise DataError(f"list file has no entries: {list_path}")
@@ -112,17 +125,23 @@ def _read_image(entry: ListEntry, where: str) -> np.ndarray:
     return image
 
 
-def _read_train_ids(entry: ListEntry, image_shape: tuple, where: str, decode_label) -> np.ndarray:
-    label = cv2.imread(entry.label_path, cv2.IMREAD_GRAYSCALE)
+def _read_label(entry: ListEntry, image_shape: tuple, where: str) -> np.ndarray:
+    """The label file's pixels as stored, ``(H, W)`` uint8; a colour (or paletted, or grey + alpha) image, a 16-bit
+    one, or one of another size than its image raises ``DataError``. (Read unchanged: ``IMREAD_GRAYSCALE`` would
+    turn a colour image into plausible-looking grey values without a word.)"""
+    label = cv2.imread(entry.label_path, cv2.IMREAD_UNCHANGED)
     if label is None:
         raise DataError(f"{where}: cannot read label {entry.label_path}")
+    if label.ndim != 2:
+        raise DataError(f"{where}: label {entry.label_path} has {label.shape[2]} channels (a colour image?): a label "
+                        "file holds one id per pixel in a single channel, e.g. *_gtFine_labelIds.png, not "
+                        "*_gtFine_color.png")
+    if label.dtype != np.uint8:
+        raise DataError(f"{where}: label {entry.label_path} has {label.dtype} pixels: label files are 8-bit")
     if label.shape != image_shape[:2]:
         raise DataError(f"{where}: label {entry.label_path} is {label.shape[0]}x{label.shape[1]} but its image "
                         f"is {image_shape[0]}x{image_shape[1]}")
-    try:
-        return decode_label(label)
-    except ValueError as error:
-        raise DataError(f"{where}: label {entry.label_path} {error}") from None
+    return label
 
 
 class SegmentationDataset(Dataset):
@@ -132,14 +151,25 @@ class SegmentationDataset(Dataset):
     training=False: ``(image float32 (3, H, W), label int64 (H, W) or None, name)``: the full preprocessed image,
     no augmentation; label is None for image-only (test) lists. Label values: train ids, ``ignore_label`` = void
     (the pixels the dataset leaves unevaluated, and the padding; any integer outside the train ids, e.g. 255 or -1).
+
+    Labels: a colour or 16-bit label file, or one of another size than its image, raises ``DataError`` naming it.
+    Labels that can be read but look wrong are flagged in ``label_flags``, ``(len(self),)`` uint8 in shared memory,
+    one bit per problem of :data:`LABEL_PROBLEMS`: values above ``max_label_value`` (a Cityscapes label id above 33,
+    e.g. the 255 of a train-id label) and no valid pixel at all. A sample's bits are set by whichever process reads
+    it (a DataLoader worker writes into the same shared memory), so once the samples are loaded the process that
+    made the dataset sees them all: :meth:`label_problems`. The first label of each problem is also named in a
+    warning line on stderr by the process that reads it: once in a single process; with DataLoader workers, by each
+    worker that meets one before any is recorded (at most one line per worker, none in later epochs).
     """
 
     def __init__(self, data_dir: str, list_path: str, decode_label: Callable[[np.ndarray], np.ndarray],
                  crop_size=(769, 769), scale: bool = False, mirror: bool = False, ignore_label: int = IGNORE_LABEL,
-                 training: bool = True, seed: int = 0):
+                 training: bool = True, seed: int = 0, max_label_value: int = 255):
         self.entries = read_list(data_dir, list_path)
         self.list_path = list_path
         self.decode_label = decode_label
+        self.max_label_value = max_label_value
+        self.label_flags = torch.zeros(len(self.entries), dtype=torch.uint8).share_memory_()
         self.crop_h, self.crop_w = crop_size
         self.scale = scale
         self.mirror = mirror
@@ -161,13 +191,59 @@ class SegmentationDataset(Dataset):
         entry = self.entries[index]
         where = f"{self.list_path} line {entry.line}"
         image = _read_image(entry, where)
-        label = None if entry.label_path is None else _read_train_ids(entry, image.shape, where, self.decode_label)
+        label = None if entry.label_path is None else self._read_train_ids(index, image.shape, where)
         if not self.training:
             label = None if label is None else torch.from_numpy(self._with_ignore_label(label))
             return image_to_tensor(image)[0], label, entry.name
         rng = np.random.default_rng((self.seed, self.epoch, index))
         image, label = self._augment(image, label, rng)
         return torch.from_numpy(image), torch.from_numpy(self._with_ignore_label(label)), entry.name
+
+    def _read_train_ids(self, index: int, image_shape: tuple, where: str) -> np.ndarray:
+        """The label of sample ``index`` as uint8 train ids ``(H, W)`` (void = ``IGNORE_LABEL``); flags (and names,
+        the first time) a label with values outside the dataset's table or without a valid pixel."""
+        entry = self.entries[index]
+        label = _read_label(entry, image_shape, where)
+        try:
+            train_ids = self.decode_label(label)
+        except ValueError as error:
+            raise DataError(f"{where}: label {entry.label_path} {error}") from None
+        problems = {}
+        if label.max(initial=0) > self.max_label_value:
+            unknown = np.unique(label[label > self.max_label_value])
+            shown = ", ".join(str(value) for value in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            problems[UNKNOWN_VALUES] = (f"holds values outside the dataset's label table 0..{self.max_label_value} "
+                                        f"({shown}), read as void"
+                                        + (TRAIN_ID_HINT if IGNORE_LABEL in unknown else ""))
+        if not (train_ids != IGNORE_LABEL).any():
+            problems[NO_VALID_PIXEL] = "has no valid pixel: all void, nothing to learn or score"
+        for bit, problem in problems.items():
+            first = not (self.label_flags & bit).any()
+            self.label_flags[index] |= bit
+            if first:
+                print(f"warning: {where}: label {entry.label_path} {problem} (further labels like it are counted, "
+                      "not named)", file=sys.stderr, flush=True)
+        return train_ids
+
+    def label_problems(self, flags: Optional[torch.Tensor] = None) -> Dict[str, List[ListEntry]]:
+        """The labels of each problem of :data:`LABEL_PROBLEMS`, by its name (``unknown_values``,
+        ``no_valid_pixel``), among the samples read so far; ``flags``: ``(len(self),)`` bits to read instead of
+        ``label_flags`` (e.g. those of every process of a distributed run, summed: each sets only its share)."""
+        flags = self.label_flags if flags is None else flags
+        return {name: [self.entries[i] for i in torch.nonzero(flags & bit).flatten().tolist()]
+                for bit, (name, _) in LABEL_PROBLEMS.items()}
+
+    def describe_label_problems(self, problems: Dict[str, List[ListEntry]]) -> List[str]:
+        """One line per problem of ``problems`` (from :meth:`label_problems`) that some label has: how many, and
+        the first one."""
+        lines = []
+        for name, description in LABEL_PROBLEMS.values():
+            if problems[name]:
+                first = problems[name][0]
+                hint = TRAIN_ID_HINT if name == "unknown_values" else ""
+                lines.append(f"{len(problems[name])} of {len(self)} labels {description}{hint}; the first: "
+                             f"{self.list_path} line {first.line}, {first.label_path}")
+        return lines
 
     def _with_ignore_label(self, label: np.ndarray) -> np.ndarray:
         """uint8 train ids with void = ``IGNORE_LABEL`` (255) -> int64 with void = ``self.ignore_label``."""

@@ -50,7 +50,9 @@ class DatasetSpec:
         class_names: one per train id.
         palette: ``(num_classes, 3)`` uint8 RGB, one colour per train id.
         decode_label: label file pixels ``(H, W)`` uint8 -> train ids (uint8, void = ``IGNORE_LABEL``); a value
-            the dataset does not define raises ``ValueError`` with a one-line reason.
+            the dataset does not define raises ``ValueError`` with a one-line reason, or is read as void.
+        max_label_value: the largest value of the dataset's label table (its label files hold 0 .. this); the
+            dataset flags and counts labels with larger values (``SegmentationDataset.label_problems``).
         encode_label: train ids -> the pixel values of the dataset's own label files (its evaluation server's
             format); train ids outside the classes (void) -> the dataset's void value.
         list_lines: data folder -> ``{list name: ["<image>\\t<label>" or "<image>", ...]}`` with paths relative to
@@ -65,6 +67,7 @@ class DatasetSpec:
     class_names: Tuple[str, ...]
     palette: np.ndarray
     decode_label: Callable[[np.ndarray], np.ndarray]
+    max_label_value: int
     encode_label: Callable[[np.ndarray], np.ndarray]
     list_lines: Callable[[str], Dict[str, List[str]]]
     training: TrainingDefaults
@@ -90,7 +93,8 @@ class DatasetSpec:
 
     def dataset(self, data_dir: str, list_path: str, **options) -> SegmentationDataset:
         """The samples of a list file of this dataset (``options``: see :class:`SegmentationDataset`)."""
-        return SegmentationDataset(data_dir, list_path, self.decode_label, **options)
+        return SegmentationDataset(data_dir, list_path, self.decode_label, max_label_value=self.max_label_value,
+                                   **options)
 
     def training_args(self) -> dict:
         """train.py's defaults by flag name (``dest``), the data folder and the list of ``train`` included."""

@@ -13,6 +13,7 @@ from dataset.cityscapes import CITYSCAPES
 from dataset.generate_demo import generate
 from dataset.labels import label_ids_to_train_ids
 from dataset.make_lists import make_lists
+from dataset.registry import get_dataset
 from dataset.sampler import ResumableDistributedSampler
 from dataset.segmentation import DataError, read_list
 from dataset.transforms import preprocess_image
@@ -240,3 +241,73 @@ def test_list_paths_may_hold_spaces(demo, tmp_path):
     spaces_only.write_text(f"{image} {label}\n")
     with pytest.raises(DataError, match="separated by a tab"):
         read_list(root, str(spaces_only))
+
+
+@pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
+def test_colour_and_16_bit_labels_are_refused_naming_the_file(demo_data, tmp_path, dataset):
+    data = demo_data(num_train=1, num_val=0, height=32, width=48, dataset=dataset)
+    root = tmp_path / "data"
+    shutil.copytree(data.root, root)
+    list_path = str(root / os.path.basename(data.train_list))
+    entry = read_list(str(root), list_path)[0]
+    label = cv2.imread(entry.label_path, cv2.IMREAD_UNCHANGED)
+    spec = get_dataset(dataset)
+    for pixels, problem in ((cv2.merge([label, label, label]), "has 3 channels (a colour image?)"),
+                            (label.astype(np.uint16), "has uint16 pixels: label files are 8-bit")):
+        cv2.imwrite(entry.label_path, pixels)
+        with pytest.raises(DataError) as error:
+            spec.dataset(str(root), list_path, training=False)[0]
+        assert str(error.value).startswith(f"{list_path} line 1: label {entry.label_path} {problem}")
+
+
+@pytest.mark.parametrize("dataset, unknown, void", [("cityscapes", 40, 0), ("cityscapes", 255, 0), ("ade20k", None, 0)])
+def test_unknown_values_and_all_void_labels_are_flagged(demo_data, tmp_path, capsys, dataset, unknown, void):
+    """Cityscapes: a label id above 33 is read as void and flagged; ADE20K refuses such values (its decoder), so
+    only the all-void label is flagged there. The first of each kind is named once on stderr."""
+    data = demo_data(num_train=3, num_val=0, height=32, width=48, dataset=dataset)
+    root = tmp_path / "data"
+    shutil.copytree(data.root, root)
+    list_path = str(root / os.path.basename(data.train_list))
+    entries = read_list(str(root), list_path)
+    for entry in entries[1:]:
+        cv2.imwrite(entry.label_path, np.full((32, 48), void, np.uint8))
+    if unknown is not None:
+        label = cv2.imread(entries[0].label_path, cv2.IMREAD_UNCHANGED)
+        label[0, :3] = unknown
+        cv2.imwrite(entries[0].label_path, label)
+    samples = get_dataset(dataset).dataset(str(root), list_path, crop_size=(8, 8), scale=True, training=True)
+    for epoch in range(2):
+        samples.set_epoch(epoch)
+        for index in range(len(samples)):
+            samples[index]
+    problems = samples.label_problems()
+    assert problems["no_valid_pixel"] == entries[1:]
+    assert problems["unknown_values"] == ([entries[0]] if unknown is not None else [])
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"warning: {list_path} line 2: label {entries[1].label_path} has no valid pixel: all void, " \
+                      "nothing to learn or score (further labels like it are counted, not named)"
+    if unknown is not None:
+        hint = " (train-id labels? pass the label-id files, *_labelIds.png)" if unknown == 255 else ""
+        assert len(err) == 2 and err[0] == f"warning: {list_path} line 1: label {entries[0].label_path} holds values " \
+            f"outside the dataset's label table 0..33 ({unknown}), read as void{hint} (further labels like it are " \
+            "counted, not named)"
+    else:
+        assert len(err) == 1
+    assert samples.describe_label_problems(problems)[-1] == f"2 of 3 labels have no valid pixel (all void); the " \
+                                                            f"first: {list_path} line 2, {entries[1].label_path}"
+
+
+def test_training_scale_and_crop_keep_a_one_pixel_image(tmp_path):
+    """The smallest scale, 0.7, still leaves a 1x1 image 1x1 (cv2 rounds to the nearest pixel): no side of 0."""
+    cv2.imwrite(str(tmp_path / "dot.png"), np.full((1, 1, 3), 200, np.uint8))
+    cv2.imwrite(str(tmp_path / "dot_label.png"), np.full((1, 1), 26, np.uint8))  # car
+    (tmp_path / "dot.lst").write_text("dot.png\tdot_label.png\n")
+    samples = CITYSCAPES.dataset(str(tmp_path), str(tmp_path / "dot.lst"), crop_size=(4, 4), scale=True, mirror=True)
+    sizes = set()
+    for epoch in range(30):
+        samples.set_epoch(epoch)
+        image, label, _ = samples[0]
+        assert image.shape == (3, 4, 4) and label.shape == (4, 4)
+        sizes.add(int((label == 13).sum()))
+        assert (label[label != 13] == 255).all()
+    assert sizes == {1, 4}  # scales 0.7..1.4 keep 1 pixel, 1.5..2.1 make it 2x2

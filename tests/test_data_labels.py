@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dataset.labels import (CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, PALETTE, label_ids_to_train_ids,
+from dataset.labels import (CLASS_NAMES, IGNORE_LABEL, MAX_LABEL_ID, NUM_CLASSES, PALETTE, label_ids_to_train_ids,
                             train_ids_to_label_ids)
 
 
@@ -16,6 +16,7 @@ def test_table_matches_cityscapesscripts():
     assert list(CLASS_NAMES) == [l.name for l in evaluated]
     assert PALETTE.dtype == np.uint8 and PALETTE.shape == (19, 3)
     assert [tuple(c) for c in PALETTE.tolist()] == [l.color for l in evaluated]
+    assert MAX_LABEL_ID == max(l.id for l in cs_labels.labels)  # larger values in a label file are unknown
 
 
 @pytest.mark.extra("cityscapesscripts")

@@ -78,12 +78,27 @@ def predict_sliding(model, images: torch.Tensor, tile_size: Tuple[int, int], til
     return total / count
 
 
+def scaled_size(size: Tuple[int, int], scale: float) -> Tuple[int, int]:
+    """``(H, W)`` resized by ``scale``: ``(round(H * scale), round(W * scale))`` (as ``cv2.resize`` rounds too)."""
+    return int(round(size[0] * scale)), int(round(size[1] * scale))
+
+
+def check_scales(size: Tuple[int, int], scales: Sequence[float], image_name: str = "the image",
+                 flag: str = "--scales") -> None:
+    """Raise ``ValueError`` (one line naming ``image_name`` and ``flag``) when a scale of ``scales`` resizes an
+    image of ``size = (H, W)`` to a side of 0 pixels (e.g. ``--scales 0.001``, or 0.4 on a 1x1 image)."""
+    for scale in scales:
+        height, width = scaled_size(size, scale)
+        if min(height, width) < 1:
+            raise ValueError(f"{image_name}: {flag} {scale:g} resizes its {size[0]}x{size[1]} pixels to "
+                             f"{height}x{width}; choose a scale that leaves every side at least 1 pixel")
+
+
 def resize_images(images: torch.Tensor, scale: float) -> torch.Tensor:
     """Bilinear, corner-aligned resize of ``(N, 3, H, W)`` to ``(round(H * scale), round(W * scale))``."""
     if scale == 1.0:
         return images
-    size = (int(round(images.shape[-2] * scale)), int(round(images.shape[-1] * scale)))
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+    return F.interpolate(images, size=scaled_size(images.shape[-2:], scale), mode="bilinear", align_corners=True)
 
 
 @torch.no_grad()
@@ -110,6 +125,7 @@ def predict_logits(
         raise ValueError("scales must list at least one scale factor")
     if any(scale <= 0 for scale in scales):
         raise ValueError(f"scale factors must be positive, got {list(scales)}")
+    check_scales(images.shape[-2:], scales)
     size = images.shape[-2:]
     total = None
     for scale in scales:
