@@ -332,7 +332,7 @@ def _save_snapshot(state: dict, path: str, last_snapshot: str | None) -> None:
     last = f"Last good snapshot: {last_snapshot or 'none written yet'}"
     non_finite = non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
     if non_finite:
-        raise TrainingError(f"iteration {state['iteration']}: {len(non_finite)} tensors hold NaN or infinite values "
+        raise TrainingError(f"iteration {state['iteration']}: {len(non_finite)} tensor(s) hold NaN or infinite values "
                             f"(first: {non_finite[0]}); {path} not written, training stopped. {last}")
     try:
         save_checkpoint(state, path)

@@ -264,7 +264,7 @@ def load_model_weights(
     state = _state_dict_of(checkpoint, name)
     non_finite = non_finite_tensors(state)
     if non_finite:
-        raise CheckpointError(f"checkpoint {name}: {len(non_finite)} tensors hold NaN or infinite values "
+        raise CheckpointError(f"checkpoint {name}: {len(non_finite)} tensor(s) hold NaN or infinite values "
                               f"({_examples(non_finite, 3)}): the weights of a diverged run, unusable")
     if backbone_only is None:
         backbone_only = not any(key.startswith(model_keys.head_prefixes) for key in state)
