@@ -211,16 +211,20 @@ def test_a_fresh_run_into_a_used_snapshot_dir_is_refused(demo, one_step_snapshot
 
 
 # --------------------------------------------------------------------------------------------- the labels
-def void_copy(demo, folder):
-    """A copy of the demo data whose every label is void (label id 0, 'unlabeled')."""
+def void_copy(demo, folder, void, valid):
+    """A copy of the demo data and a list of its first ``void`` training samples, their labels made void (label id
+    0, 'unlabeled'), then ``valid`` others as they are: (data dir, list file)."""
     shutil.copytree(demo.root, folder)
-    for label in folder.rglob("*_gtFine_labelIds.png"):
+    lines = Path(demo.train_list).read_text().splitlines()[:void + valid]
+    for line in lines[:void]:
+        label = folder / line.split("\t")[1]
         cv2.imwrite(str(label), np.zeros_like(cv2.imread(str(label), cv2.IMREAD_GRAYSCALE)))
-    return str(folder), str(folder / Path(demo.train_list).relative_to(demo.root))
+    (folder / "mixed.lst").write_text("\n".join(lines) + "\n")
+    return str(folder), str(folder / "mixed.lst")
 
 
 def test_all_void_batches_are_skipped_not_trained_on(demo, tmp_path, capsys):
-    root, train_list = void_copy(demo, tmp_path / "void_data")
+    root, train_list = void_copy(demo, tmp_path / "void_data", void=2, valid=0)
     argv = argv_for(demo, tmp_path / "run", steps=2)
     argv[argv.index("--data-dir") + 1], argv[argv.index("--data-list") + 1] = root, train_list
     assert train.main(argv) == 0
@@ -301,11 +305,13 @@ def torchrun(tmp_path, demo, *extra, timeout=240):
 
 @pytest.mark.slow
 def test_torchrun_skips_void_batches_and_stops_on_a_locked_dir_together(demo, tmp_path):
-    """Two CPU processes: every rank skips the all-void batches (no rank waits for the others' gradients), and when
-    rank 0 finds --snapshot-dir locked, both processes stop with exit code 1 instead of waiting for rank 0."""
-    root, train_list = void_copy(demo, tmp_path / "void_data")
-    result = torchrun(tmp_path, demo, "--data-dir", root, "--data-list", train_list)
+    """Two CPU processes, one sample each, one of them void: both ranks skip every iteration (a rank that stepped
+    alone would wait forever for the other's gradients); when rank 0 finds --snapshot-dir locked, both processes
+    stop with one line instead of waiting for rank 0."""
+    root, train_list = void_copy(demo, tmp_path / "void_data", void=1, valid=1)
+    result = torchrun(tmp_path, demo, "--data-dir", root, "--data-list", train_list, "--batch-size", "2")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "iteration 1 skipped: no valid label pixel in the batch of 1 process(es)" in result.stdout
     assert "2 iteration(s) skipped" in result.stdout
     lock = FolderLock(tmp_path / "run")
     try:
