@@ -303,6 +303,8 @@ def _claim_snapshot_dir(args) -> FolderLock:
     except FolderLockedError as error:
         raise TrainingError(f"--snapshot-dir {args.snapshot_dir} is in use by another training run ({error}): wait "
                             "for it to end, or choose another --snapshot-dir") from None
+    except OSError as error:  # not a folder, no permission, a read-only file system
+        raise TrainingError(f"--snapshot-dir {args.snapshot_dir}: cannot be written ({error})") from None
     try:
         if args.resume is None:
             _refuse_or_clear_earlier_run(args)

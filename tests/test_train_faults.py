@@ -210,6 +210,13 @@ def test_a_fresh_run_into_a_used_snapshot_dir_is_refused(demo, one_step_snapshot
     assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 1
 
 
+def test_a_snapshot_dir_that_cannot_be_written_is_one_line(demo, tmp_path, failed_run):
+    not_a_folder = tmp_path / "snapshots"
+    not_a_folder.write_text("a file")
+    error = failed_run(train.main, argv_for(demo, not_a_folder))
+    assert error.startswith(f"--snapshot-dir {not_a_folder}: cannot be written (") and not_a_folder.read_text() == "a file"
+
+
 # --------------------------------------------------------------------------------------------- the labels
 def void_copy(demo, folder, void, valid):
     """A copy of the demo data and a list of its first ``void`` training samples, their labels made void (label id
