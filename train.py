@@ -35,7 +35,8 @@ from utils.checkpoint import (CheckpointError, FolderLock, FolderLockedError, lo
                               non_finite_tensors, remove_temporary_files, save_checkpoint)
 from utils.cli import (ArgumentParser, parse_auto_bool, parse_bool, parse_fraction, parse_non_negative_int,
                        parse_positive_float, parse_positive_int, parse_size, run_main)
-from utils.distributed import DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, is_main_process, process_group
+from utils.distributed import (DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, is_main_process,
+                               process_group)
 from utils.logger import TrainingLogger
 from utils.loss import CriterionDSN
 from utils.rng import gather_rng_states, seed_all, set_rng_state

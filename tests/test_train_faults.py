@@ -214,7 +214,8 @@ def test_a_snapshot_dir_that_cannot_be_written_is_one_line(demo, tmp_path, faile
     not_a_folder = tmp_path / "snapshots"
     not_a_folder.write_text("a file")
     error = failed_run(train.main, argv_for(demo, not_a_folder))
-    assert error.startswith(f"--snapshot-dir {not_a_folder}: cannot be written (") and not_a_folder.read_text() == "a file"
+    assert error.startswith(f"--snapshot-dir {not_a_folder}: cannot be written (")
+    assert not_a_folder.read_text() == "a file"
 
 
 # --------------------------------------------------------------------------------------------- the labels

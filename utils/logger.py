@@ -42,9 +42,10 @@ class TrainingLogger:
     """``log(iteration, loss=..., lr=...)`` after each step; ``close()`` at the end.
 
     ``log_dir`` receives the TensorBoard event files and ``train_log.csv`` (columns: iteration, the scalar names
-    in their first-call order, seconds since the start), flushed at every row: a killed run keeps its rows. On resume (``start_step > 0``) the CSV keeps its rows
-    up to ``start_step`` (those of an interrupted run after its snapshot are dropped) and is appended to; so are the
-    TensorBoard events. With ``enabled=False`` (the other ranks) every method does nothing.
+    in their first-call order, seconds since the start), flushed at every row: a killed run keeps its rows. On
+    resume (``start_step > 0``) the CSV keeps its rows up to ``start_step`` (those of an interrupted run after its
+    snapshot are dropped) and is appended to; so are the TensorBoard events. With ``enabled=False`` (the other
+    ranks) every method does nothing.
     """
 
     CSV_NAME = "train_log.csv"
