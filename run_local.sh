@@ -60,6 +60,11 @@ if [[ $# -ge 1 ]]; then
         NPROC=$(awk -F, '{print NF}' <<<"$GPU_IDS")
         DEVICE=(--gpu "$GPU_IDS")
     fi
+    if [[ -n "$RESTORE_FROM" && ! -f "$RESTORE_FROM" ]]; then
+        echo "run_local.sh: RESTORE_FROM=$RESTORE_FROM: no such file (the ImageNet weights: see the README's" \
+             "Weights); RESTORE_FROM= trains from scratch" >&2
+        exit 1
+    fi
     written=""   # the folders already written (TRAIN_LIST and VAL_LIST may live in different ones)
     for list in "$TRAIN_LIST" "$VAL_LIST"; do
         if [[ ! -f "$list" ]]; then

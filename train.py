@@ -9,11 +9,15 @@ batch 8 (global, split over the processes), 769x769 crops, SGD lr 1e-2, momentum
 60000 iterations, R=2; for ADE20K mmsegmentation's CCNet recipe (batch 16, 512x512 crops, weight decay 5e-4,
 80000 iterations). Snapshots ``CS_scenes_<iter>.pth`` go to
 ``--snapshot-dir`` every ``--save-pred-every`` iterations and at the end; ``--resume`` continues one exactly
-(same batches, same random draws). Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes.
+(same batches, same random draws). Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes; it holds a lock on
+``--snapshot-dir`` for the whole run, and writes a snapshot only when every weight, buffer and optimizer tensor is
+finite.
 """
 import os
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -27,17 +31,19 @@ from engine.train_step import (AMP_DTYPES, compile_forward_loss, fused_sgd_avail
                                optimizer_step, use_channels_last)
 from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
-from utils.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from utils.checkpoint import (CheckpointError, FolderLock, FolderLockedError, load_checkpoint, load_model_weights,
+                              non_finite_tensors, remove_temporary_files, save_checkpoint)
 from utils.cli import (ArgumentParser, parse_auto_bool, parse_bool, parse_fraction, parse_non_negative_int,
-                       parse_positive_int, parse_size, run_main)
-from utils.distributed import (DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, barrier,
-                               is_main_process, process_group)
+                       parse_positive_float, parse_positive_int, parse_size, run_main)
+from utils.distributed import (DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, is_main_process,
+                               process_group)
 from utils.logger import TrainingLogger
 from utils.loss import CriterionDSN
 from utils.rng import gather_rng_states, seed_all, set_rng_state
 from utils.schedule import poly_lr, set_lr
 
 SNAPSHOT_PATTERN = "CS_scenes_{}.pth"
+SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = SNAPSHOT_PATTERN.split("{}")
 # Flags whose change makes a resumed run differ from the uninterrupted one (warned about on --resume).
 RUN_DEFINING_FLAGS = ("dataset", "data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
                       "power", "num_steps", "recurrence", "ohem", "ohem_thres", "ohem_keep", "random_mirror",
@@ -46,6 +52,10 @@ RUN_DEFINING_FLAGS = ("dataset", "data_list", "input_size", "batch_size", "learn
 
 class TrainingError(RuntimeError):
     """A condition that stops training with a one-line message (bad flag, non-finite loss)."""
+
+
+# The errors that stop a run with one line on stderr and exit code 1.
+FAILURES = (CheckpointError, DataError, FileNotFoundError, TrainingError, ValueError)
 
 
 def build_parser() -> ArgumentParser:
@@ -85,14 +95,14 @@ def build_parser() -> ArgumentParser:
                             "synchronized across GPU processes (on the CPU there is no synchronized kind: auto "
                             "then gives per-process BatchNorm)")
     model.add_argument("--restore-from", default="./dataset/resnet101-imagenet.pth",
-                       help="ImageNet weights for the backbone (if the file is absent: train from scratch, "
-                            "with a warning; '' to skip silently)")
+                       help="ImageNet weights for the backbone (the README's Weights say where to get them; a "
+                            "missing file is an error); '' trains from scratch")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--batch-size", type=parse_positive_int, default=None,
                        help="GLOBAL batch size, split evenly over the processes (8 = 2 per GPU on 4 GPUs); default: "
                             + per_dataset(lambda spec: spec.training.batch_size))
-    optim.add_argument("--learning-rate", type=float, default=None,
+    optim.add_argument("--learning-rate", type=parse_positive_float, default=None,
                        help="base learning rate of the poly schedule; default: "
                             + per_dataset(lambda spec: spec.training.learning_rate))
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -124,7 +134,12 @@ def build_parser() -> ArgumentParser:
 
     run = parser.add_argument_group("run")
     add_gpu_argument(run)
-    run.add_argument("--snapshot-dir", default="snapshots/", help="where CS_scenes_<iter>.pth snapshots are written")
+    run.add_argument("--snapshot-dir", default="snapshots/",
+                     help="where CS_scenes_<iter>.pth snapshots are written; locked while the run lasts. A run "
+                          "without --resume refuses a folder that holds another run's snapshots or train_log.csv")
+    run.add_argument("--overwrite-snapshots", action="store_true",
+                     help="start afresh in a --snapshot-dir that holds another run's snapshots: they and that "
+                          "run's logs (train_log.csv, TensorBoard events) are DELETED first")
     run.add_argument("--save-pred-every", type=parse_positive_int, default=10000, help="write a snapshot every this many iterations")
     run.add_argument("--resume", default=None, metavar="SNAPSHOT",
                      help="continue exactly from one of our snapshots (weights, optimizer, iteration, RNG states)")
@@ -188,11 +203,7 @@ def _build(args, norm: str, device: torch.device, channels_last: bool, log):
     torch.manual_seed(args.random_seed)  # the same initial weights on every rank
     model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, norm)
     if args.resume is None and args.restore_from:
-        if os.path.isfile(args.restore_from):
-            log(load_model_weights(model, args.restore_from).summary())
-        else:
-            log(f"warning: --restore-from {args.restore_from}: no such file; training from scratch "
-                "(expect a much lower mIoU than with ImageNet weights)")
+        log(load_model_weights(model, args.restore_from).summary())
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = make_sgd(model.parameters(), args.learning_rate, args.momentum, args.weight_decay,
                          fused=fused_sgd_available(device))
@@ -227,12 +238,137 @@ def _snapshot_state(model, optimizer, scaler, iteration: int, args, rng_states: 
             "args": dict(vars(args))}
 
 
+# ------------------------------------------------------------------------------------ the snapshot folder
+def _log_on_main(text: str) -> None:
+    """One line on stderr, from rank 0 only."""
+    if is_main_process():
+        print(text, file=sys.stderr, flush=True)
+
+
+def _on_main_process(action, device: torch.device):
+    """``action()`` on rank 0 only; returns its result there (None on the other ranks). If it raised one of
+    :data:`FAILURES`, every process raises (rank 0 that error, the others one that points to it), so that no
+    process waits forever for rank 0 at the next collective operation."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = action()
+        except FAILURES as caught:
+            error = caught
+    if all_reduce_sum(torch.tensor([float(error is not None)], device=device)).item():
+        raise error or TrainingError("stopped by the main process (rank 0): see its error line")
+    return result
+
+
+def _snapshot_iteration(path: Path) -> int:
+    """``CS_scenes_<iter>.pth`` -> iter (-1 if the name holds no number)."""
+    number = path.name[len(SNAPSHOT_PREFIX):-len(SNAPSHOT_SUFFIX)]
+    return int(number) if number.isdigit() else -1
+
+
+def _earlier_run_files(args) -> tuple:
+    """(snapshots sorted by iteration, the CSV log or None) that an earlier run left in this run's folders."""
+    snapshots = sorted(Path(args.snapshot_dir).glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"), key=_snapshot_iteration)
+    csv_log = Path(args.log_dir) / TrainingLogger.CSV_NAME
+    return snapshots, (csv_log if csv_log.is_file() and csv_log.stat().st_size else None)
+
+
+def _refuse_or_clear_earlier_run(args) -> None:
+    """A run without ``--resume`` in folders that hold another run's snapshots or CSV log: refused, or with
+    ``--overwrite-snapshots`` those files (and the TensorBoard events) are deleted, so that no folder mixes two runs."""
+    snapshots, csv_log = _earlier_run_files(args)
+    if not snapshots and csv_log is None:
+        return
+    if not args.overwrite_snapshots:
+        if snapshots:
+            raise TrainingError(
+                f"--snapshot-dir {args.snapshot_dir} holds another run's snapshots ({len(snapshots)}, the last "
+                f"{snapshots[-1]}): pass --resume {snapshots[-1]} to continue that run, or choose another "
+                "--snapshot-dir (--overwrite-snapshots deletes them and starts afresh)")
+        raise TrainingError(
+            f"--log-dir {args.log_dir} holds another run's {csv_log.name}: choose another --snapshot-dir (or "
+            "--log-dir), or pass --overwrite-snapshots to delete it and start afresh")
+    events = sorted(Path(args.log_dir).glob("events.out.tfevents.*"))
+    deleted = [*snapshots, *([csv_log] if csv_log else []), *events]
+    for path in deleted:
+        path.unlink()
+    _log_on_main(f"--overwrite-snapshots: deleted {len(deleted)} files of an earlier run (snapshots "
+                 f"{', '.join(path.name for path in snapshots) or 'none'}; its logs)")
+
+
+def _claim_snapshot_dir(args) -> FolderLock:
+    """Lock ``--snapshot-dir`` for this run; then refuse (or clear) another run's files there and remove the
+    temporary files of a save that was interrupted. Rank 0 only."""
+    try:
+        lock = FolderLock(args.snapshot_dir)
+    except FolderLockedError as error:
+        raise TrainingError(f"--snapshot-dir {args.snapshot_dir} is in use by another training run ({error}): wait "
+                            "for it to end, or choose another --snapshot-dir") from None
+    except OSError as error:  # not a folder, no permission, a read-only file system
+        raise TrainingError(f"--snapshot-dir {args.snapshot_dir}: cannot be written ({error})") from None
+    try:
+        if args.resume is None:
+            _refuse_or_clear_earlier_run(args)
+        for path in remove_temporary_files(args.snapshot_dir):
+            _log_on_main(f"removed {path}: the temporary file of an interrupted snapshot save")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+@contextmanager
+def _snapshot_dir_claimed(args, device: torch.device):
+    """``with``: ``--snapshot-dir`` locked by rank 0 (see :func:`_claim_snapshot_dir`), every rank told whether
+    that worked; released at the end (and by the kernel, if the process dies)."""
+    lock = _on_main_process(lambda: _claim_snapshot_dir(args), device)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _save_snapshot(state: dict, path: str, last_snapshot: str | None) -> None:
+    """Write ``state`` to ``path`` if its weights, buffers and optimizer tensors are all finite; otherwise, or if
+    the file system refuses the write, a :class:`TrainingError` that names the last snapshot written."""
+    last = f"Last good snapshot: {last_snapshot or 'none written yet'}"
+    non_finite = non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+    if non_finite:
+        raise TrainingError(f"iteration {state['iteration']}: {len(non_finite)} tensor(s) hold NaN or infinite values "
+                            f"(first: {non_finite[0]}); {path} not written, training stopped. {last}")
+    try:
+        save_checkpoint(state, path)
+    except CheckpointError as error:
+        raise TrainingError(f"{error}; training stopped at iteration {state['iteration']}. {last}") from error
+
+
+# ---------------------------------------------------------------------------------------------- the labels
+def _label_problems(labels: torch.Tensor, names, args, iteration: int) -> tuple:
+    """(whether no pixel of this process's batch is valid, a message for a label id the network cannot predict or
+    None). labels (N, H, W) int64 train ids on the CPU, void = ``--ignore-label``."""
+    valid = labels != args.ignore_label
+    out_of_range = valid & ((labels < 0) | (labels >= args.num_classes))
+    message = None
+    if out_of_range.any():
+        sample = int(out_of_range.flatten(1).any(1).nonzero()[0])
+        value = int(labels[sample][out_of_range[sample]][0])
+        message = (f"iteration {iteration}: the label of {names[sample]} ({args.data_list}) holds train id {value}, "
+                   f"outside 0..{args.num_classes - 1} of --num-classes {args.num_classes} (the void label "
+                   f"{args.ignore_label} aside): pass the dataset's number of classes, or fix the label")
+    return not bool(valid.any()), message
+
+
 # ------------------------------------------------------------------------------------------------- training
 def train(args) -> torch.nn.Module:
     """Run the training that ``args`` (from :func:`parse_args`) describes; returns this process's trained model.
 
-    Joins the process group that torchrun describes (if any) and leaves it at the end."""
-    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info:
+    Joins the process group that torchrun describes (if any) and leaves it at the end; holds the lock on
+    ``--snapshot-dir`` meanwhile."""
+    if args.resume is None and args.restore_from and not os.path.isfile(args.restore_from):
+        raise TrainingError(f"--restore-from {args.restore_from}: no such file (ImageNet weights: see the README's "
+                            "Weights for resnet101-imagenet.pth); pass --restore-from '' to train from scratch")
+    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info, _snapshot_dir_claimed(args, info.device):
         return _train(args, info)
 
 
@@ -246,10 +382,7 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
         raise TrainingError("--amp fp16 needs a GPU; use --amp bf16 on the CPU")
     if device.type == "cuda":  # fixed crops: every iteration has the shapes cuDNN's autotuning measured first
         torch.backends.cudnn.benchmark = True
-
-    def log(text: str) -> None:
-        if main_process:
-            print(text, file=sys.stderr, flush=True)
+    log = _log_on_main
 
     norm = _norm_kind(args.norm, world_size, device)
     if args.amp == "bf16" and norm.startswith("inplace_abn"):
@@ -262,7 +395,13 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
     start_iteration = 0
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume)
-        load_model_weights(model, checkpoint)
+        if "optimizer" not in checkpoint:
+            raise TrainingError(f"--resume {args.resume}: holds no optimizer state (a bare state dict, not a snapshot "
+                                f"of train.py): to start from its weights, pass --restore-from {args.resume} instead")
+        missing = [key for key in ("model", "iteration", "rng") if key not in checkpoint]
+        if missing:
+            raise TrainingError(f"--resume {args.resume}: not a snapshot of train.py (no {', '.join(missing)})")
+        load_model_weights(model, checkpoint, name=args.resume)
         load_optimizer_state(optimizer, checkpoint["optimizer"])
         _load_scaler_state(scaler, checkpoint.get("scaler") or {}, log)
         start_iteration = int(checkpoint["iteration"])
@@ -296,50 +435,66 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
         f"{'fused' if optimizer.defaults.get('fused') else 'foreach/for-loop'} SGD"
         + (f", cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}" if device.type == "cuda" else ""))
     logger = TrainingLogger(args.log_dir, args.num_steps, start_iteration, enabled=main_process)
-    last_snapshot = args.resume
+    last_snapshot = args.resume  # a checkpoint refuses to load unless finite: a good one
+    skipped = []  # the iterations whose global batch had a process's share without a valid label pixel
     network.train()
     batches = _batches(dataset, sampler, loader, start_iteration, iterations_per_epoch)
     try:
         for iteration in range(start_iteration, args.num_steps):
-            images, labels, _ = next(batches)
-            first_started = time.perf_counter() if iteration == start_iteration else None
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
-            set_lr(optimizer, lr)
-            loss = forward_and_loss(images, labels)
-            # one all-reduce: the mean loss for the log, and whether any rank's loss is not finite
-            stats = all_reduce_sum(torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()]))
-            mean_loss, bad_ranks = stats[0].item() / world_size, int(stats[1].item())
-            if bad_ranks:
-                raise TrainingError(f"non-finite loss at iteration {iteration + 1} (on {bad_ranks} process(es)); "
-                                    f"stopped. Last good snapshot: {last_snapshot or 'none written yet'}")
-            optimizer_step(loss, optimizer, scaler)
             done = iteration + 1
-            if first_started is not None:  # compilation (--compile) and cuDNN's autotuning happen here
-                seconds = time.perf_counter() - first_started
-                logger.message(f"iteration {done} (the first of this run) took {seconds:.1f} s"
-                               + (", torch.compile included" if args.compile else ""))
-            logger.log(done, loss=mean_loss, lr=lr)
+            images, labels, names = next(batches)
+            all_void, bad_label = _label_problems(labels, names, args, done)
+            # every process takes the same decision (a process that skipped a step alone would wait forever)
+            problems = all_reduce_sum(torch.tensor([float(all_void), float(bad_label is not None)], device=device))
+            void_processes, bad_label_processes = (int(count) for count in problems.tolist())
+            if bad_label_processes:
+                raise TrainingError(bad_label or f"iteration {done}: another process's batch holds a train id "
+                                                 f"outside --num-classes {args.num_classes}: see its error line")
+            if void_processes:
+                skipped.append(done)
+                logger.skip(f"iteration {done} skipped: no valid label pixel in the batch of {void_processes} "
+                            f"process(es) (every pixel --ignore-label {args.ignore_label})")
+            else:
+                first_started = time.perf_counter() if iteration == start_iteration else None
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(device, non_blocking=True)
+                lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
+                set_lr(optimizer, lr)
+                loss = forward_and_loss(images, labels)
+                # one all-reduce: the mean loss for the log, and whether any rank's loss is not finite
+                stats = all_reduce_sum(torch.stack([loss.detach().float(),
+                                                    (~torch.isfinite(loss.detach())).float()]))
+                mean_loss, bad_ranks = stats[0].item() / world_size, int(stats[1].item())
+                if bad_ranks:
+                    raise TrainingError(f"non-finite loss at iteration {done} (on {bad_ranks} process(es)); "
+                                        f"stopped. Last good snapshot: {last_snapshot or 'none written yet'}")
+                optimizer_step(loss, optimizer, scaler)
+                if first_started is not None:  # compilation (--compile) and cuDNN's autotuning happen here
+                    seconds = time.perf_counter() - first_started
+                    logger.message(f"iteration {done} (the first of this run) took {seconds:.1f} s"
+                                   + (", torch.compile included" if args.compile else ""))
+                logger.log(done, loss=mean_loss, lr=lr)
             if done % args.save_pred_every == 0 or done == args.num_steps:
                 rng_states = gather_rng_states(device, world_size)
                 path = os.path.join(args.snapshot_dir, SNAPSHOT_PATTERN.format(done))
-                if main_process:
-                    save_checkpoint(_snapshot_state(model, optimizer, scaler, done, args, rng_states), path)
-                    logger.message(f"saved {path}")
+                state = _snapshot_state(model, optimizer, scaler, done, args, rng_states) if main_process else None
+                _on_main_process(lambda: _save_snapshot(state, path, last_snapshot), device)
+                logger.message(f"saved {path}")
                 last_snapshot = path
-                barrier()
     finally:
         batches.close()  # shuts the data-loading workers down now, also when training stopped with an error
+        if skipped:
+            logger.message(f"{len(skipped)} iteration(s) skipped, their batch without a valid label pixel: "
+                           f"{', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''}")
         logger.close()
     return model
 
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 1 training failed (one line on stderr), 2 bad command line."""
-    return run_main(argv, parse_args, train, (CheckpointError, DataError, FileNotFoundError, TrainingError, ValueError))
+    return run_main(argv, parse_args, train, FAILURES)
 
 
 if __name__ == "__main__":

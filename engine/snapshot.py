@@ -96,8 +96,9 @@ def load_snapshot(args, verbose: bool = True) -> dict:
 
 def build_and_load(args, device: torch.device, verbose: bool = True,
                    checkpoint: Optional[dict] = None) -> torch.nn.Module:
-    """The model of ``args`` with all the snapshot's weights (backbone-only ImageNet weights are refused), in eval
-    mode on ``device``. ``checkpoint``: the one :func:`load_snapshot` returned (read here if None).
+    """The model of ``args`` with all the snapshot's weights (backbone-only ImageNet weights are refused, and so is
+    a checkpoint with a NaN or an infinity: ``CheckpointError`` naming the file and a tensor), in eval mode on
+    ``device``. ``checkpoint``: the one :func:`load_snapshot` returned (read here if None).
 
     Batch norm: every kind computes the same function in eval mode, so plain BatchNorm2d is used.
     """

@@ -12,13 +12,19 @@ The model says what its keys mean (``model.checkpoint_keys``: a ``networks.Check
 recognized by the absence of every head key (``head.*``, ``dsn.*`` for CCNet) and loaded into the backbone only
 (the ImageNet classifier ``fc.*`` is skipped, the heads keep their initialization) — pass
 ``backbone_only=True/False`` to force either reading. Missing and unexpected keys are reported (and are an error
-with ``strict=True``); a shape mismatch is always an error, naming the number of classes when a classifier's is.
+with ``strict=True``); a shape mismatch is always an error, naming the number of classes when a classifier's is; a
+checkpoint holding a NaN or an infinity is refused (:func:`non_finite_tensors`).
+
+A training run's folder: :class:`FolderLock` (one run at a time) and :func:`remove_temporary_files` (what an
+interrupted :func:`save_checkpoint` left).
 """
+import errno
+import fcntl
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -29,18 +35,49 @@ OPTIONAL_SUFFIX = "num_batches_tracked"  # absent from old checkpoints; batch co
 PathLike = Union[str, os.PathLike]
 
 
+TEMPORARY_SUFFIX = ".tmp"  # save_checkpoint writes ``.<name>.<random>.tmp`` next to ``<name>`` first
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+    """A checkpoint that cannot be read, written or does not fit the model; the message names the file."""
+
+
+class FolderLockedError(RuntimeError):
+    """Another process holds the :class:`FolderLock` of a folder; the message names the lock file and its holder."""
+
+
+def non_finite_tensors(state: Mapping, prefix: str = "") -> List[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity.
+
+    ``state``: a state dict (name -> tensor), or any nesting of dicts and lists of tensors and plain values (an
+    optimizer's ``state_dict()``, a whole snapshot); names are dotted paths (``bn1.running_var``,
+    ``optimizer.state.3.momentum_buffer``). Other values (integers, strings, integer tensors) are skipped.
+    """
+    items = state.items() if isinstance(state, Mapping) else enumerate(state)
+    found = []
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                if not bool(torch.isfinite(value).all()):
+                    found.append(name)
+        elif isinstance(value, (Mapping, list, tuple)):
+            found += non_finite_tensors(value, prefix=f"{name}.")
+    return found
 
 
 def save_checkpoint(state: dict, path: PathLike) -> None:
     """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder, then ``os.replace``.
 
     A crash mid-write leaves the previous file (if any) intact. Parent folders are created.
+
+    Raises:
+        CheckpointError: the file system refused the write (a full disk: ``<path>: not written: no space left on
+        device``; a quota, a file-size limit); the temporary file is removed, ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
@@ -48,10 +85,76 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
             os.fsync(file.fileno())
         os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
-        raise
+        cause = _os_error_in(error)
+        if cause is None:
+            raise
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        raise CheckpointError(f"checkpoint {path}: not written: {reason}") from error
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The ``OSError`` that ``error`` is or was raised from (torch's zip writer turns a failed ``write`` into a
+    ``RuntimeError`` whose context is the ``OSError``), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def remove_temporary_files(folder: PathLike) -> List[str]:
+    """Delete the temporary files that :func:`save_checkpoint` leaves in ``folder`` when its process is killed
+    mid-write (``.<name>.<random>.tmp``); returns their paths. Call it while holding the folder's
+    :class:`FolderLock` (another run's file being written would go too)."""
+    removed = []
+    for temporary in sorted(Path(folder).glob(f".*{TEMPORARY_SUFFIX}")):
+        if temporary.is_file():
+            temporary.unlink()
+            removed.append(str(temporary))
+    return removed
+
+
+class FolderLock:
+    """An exclusive lock on ``folder`` (created if absent), held from construction to :meth:`release`: ``flock``
+    on the open file ``<folder>/.lock``, which holds the holder's process id.
+
+    The kernel releases the lock when its process ends, however it ends (SIGKILL, a crash, a power cut): a dead
+    run never blocks the next one, and there is no stale lock to remove. The lock file stays (removing a locked
+    file would let a second process lock a new one while the first still writes).
+
+    Raises:
+        FolderLockedError: another process holds the lock (the message names the lock file and its process).
+    """
+
+    FILE_NAME = ".lock"
+
+    def __init__(self, folder: PathLike):
+        self.path = Path(folder) / self.FILE_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise FolderLockedError(f"{self.path} is held by process {holder}") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self._descriptor: Optional[int] = descriptor
+
+    def release(self) -> None:
+        """Unlock (idempotent)."""
+        if self._descriptor is not None:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 def _default_file_mode() -> int:
@@ -149,8 +252,8 @@ def load_model_weights(
     Returns:
         a :class:`LoadReport` (``report.summary()`` is one line for the log).
     Raises:
-        CheckpointError: unreadable file, shape mismatch (e.g. another ``num_classes``), or, with ``strict``,
-        missing / unexpected keys.
+        CheckpointError: unreadable file, shape mismatch (e.g. another ``num_classes``), a NaN or an infinity in
+        a weight or buffer, or, with ``strict``, missing / unexpected keys.
     """
     model = getattr(model, "module", model)
     model_keys = model.checkpoint_keys
@@ -159,6 +262,10 @@ def load_model_weights(
     else:
         name, checkpoint = name or str(source), load_checkpoint(source)
     state = _state_dict_of(checkpoint, name)
+    non_finite = non_finite_tensors(state)
+    if non_finite:
+        raise CheckpointError(f"checkpoint {name}: {len(non_finite)} tensor(s) hold NaN or infinite values "
+                              f"({_examples(non_finite, 3)}): the weights of a diverged run, unusable")
     if backbone_only is None:
         backbone_only = not any(key.startswith(model_keys.head_prefixes) for key in state)
     report = LoadReport(source=name, backbone_only=backbone_only)

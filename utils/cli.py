@@ -96,6 +96,18 @@ def parse_positive_float(text: str) -> float:
     return value
 
 
+def parse_gpu_choice(text: str) -> str:
+    """``--gpu``: ``"cpu"``, or comma-separated GPU ids (``"0"``, ``"0,1,2,3"``; or the ``GPU-...`` / ``MIG-...``
+    UUIDs that ``CUDA_VISIBLE_DEVICES`` also takes) -> the same text, without spaces."""
+    if text.strip().lower() == "cpu":
+        return "cpu"
+    ids = [value.strip() for value in text.split(",")]
+    if not all(value.isdigit() or value.startswith(("GPU-", "MIG-")) for value in ids):
+        raise argparse.ArgumentTypeError(f"expected GPU ids like 0 or 0,1,2,3 (nvidia-smi -L lists them), or cpu, "
+                                         f"got {text!r}")
+    return ",".join(ids)
+
+
 def parse_fraction(text: str) -> float:
     """``"0.7"`` -> 0.7; a number in [0, 1]."""
     try:

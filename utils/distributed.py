@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from utils.cli import parse_gpu_choice
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,7 +37,7 @@ def _env_int(name: str, default: int) -> int:
 
 def add_gpu_argument(parser: argparse.ArgumentParser) -> None:
     """``--gpu``, the same flag in every script that computes (see :func:`apply_gpu_choice`)."""
-    parser.add_argument("--gpu", default=None,
+    parser.add_argument("--gpu", type=parse_gpu_choice, default=None,
                         help="GPU ids this node may use, e.g. '0' or '0,1,2,3' (sets CUDA_VISIBLE_DEVICES; one GPU "
                              "per process: N ids need torchrun --nproc_per_node=N); 'cpu' for the CPU; default: the "
                              "visible GPUs, else the CPU")
@@ -44,9 +46,10 @@ def add_gpu_argument(parser: argparse.ArgumentParser) -> None:
 def apply_gpu_choice(gpu: str | None) -> bool:
     """Honour ``--gpu`` (before CUDA is first used); returns whether this process computes on CUDA.
 
-    Raises ValueError (one line) when ``gpu`` names more GPUs than this node has processes: each process uses one
-    GPU, so a single ``python`` process would silently use the first only. The processes of this node:
-    ``LOCAL_WORLD_SIZE`` (torchrun), else ``WORLD_SIZE``, else 1.
+    Raises ValueError (one line, ``CUDA_VISIBLE_DEVICES`` left as it was) when ``gpu`` names more GPUs than this
+    node has processes (each process uses one GPU, so a single ``python`` process would silently use the first
+    only; the processes of this node: ``LOCAL_WORLD_SIZE`` (torchrun), else ``WORLD_SIZE``, else 1), or a GPU that
+    this machine does not have (instead of running on the CPU).
     """
     if gpu == "cpu":
         return False
@@ -57,7 +60,17 @@ def apply_gpu_choice(gpu: str | None) -> bool:
             raise ValueError(f"--gpu {gpu} names {len(ids)} GPUs but there {'is' if processes == 1 else 'are'} "
                              f"{processes} process(es) (one GPU each): launch with torchrun "
                              f"--nproc_per_node={len(ids)}")
+        previous = os.environ.get("CUDA_VISIBLE_DEVICES")
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        found = torch.cuda.device_count()  # counts the devices CUDA_VISIBLE_DEVICES now names (before CUDA starts)
+        if found < len(ids):
+            if previous is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = previous
+            present = "no CUDA GPU is usable here" if found == 0 else f"only {found} of them exist here"
+            raise ValueError(f"--gpu {gpu}: {present}; name GPUs this machine has (nvidia-smi -L) or pass --gpu cpu "
+                             "to run on the CPU")
     return torch.cuda.is_available()
 
 

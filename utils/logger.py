@@ -7,21 +7,45 @@ from tqdm import tqdm
 
 
 def _truncate_csv(path: str, last_iteration: int) -> None:
-    """Drop the rows after ``last_iteration`` from a CSV log (rewritten in place)."""
+    """Keep the header and the rows up to ``last_iteration`` of a CSV log; drop the later ones and any row that a
+    killed process left incomplete. Rewritten atomically (a temporary file, then ``os.replace``): a crash meanwhile
+    leaves the old file."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
-    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= last_iteration]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    if not rows:
+        return
+    header = rows[0]
+    kept = [header] + [row for row in rows[1:] if _complete_row(row, len(header))
+                       and int(row[0]) <= last_iteration]
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _complete_row(row: list, columns: int) -> bool:
+    """Whether ``row`` has every column and a number in each (a row cut by a kill has not)."""
+    if len(row) != columns:
+        return False
+    try:
+        int(row[0])
+        for value in row[1:]:
+            float(value)
+    except ValueError:
+        return False
+    return True
 
 
 class TrainingLogger:
     """``log(iteration, loss=..., lr=...)`` after each step; ``close()`` at the end.
 
     ``log_dir`` receives the TensorBoard event files and ``train_log.csv`` (columns: iteration, the scalar names
-    in their first-call order, seconds since the start). On resume (``start_step > 0``) the CSV keeps its rows
-    up to ``start_step`` (those of an interrupted run after its snapshot are dropped) and is appended to; so are the
-    TensorBoard events. With ``enabled=False`` (the other ranks) every method does nothing.
+    in their first-call order, seconds since the start), flushed at every row: a killed run keeps its rows. On
+    resume (``start_step > 0``) the CSV keeps its rows up to ``start_step`` (those of an interrupted run after its
+    snapshot are dropped) and is appended to; so are the TensorBoard events. With ``enabled=False`` (the other
+    ranks) every method does nothing.
     """
 
     CSV_NAME = "train_log.csv"
@@ -39,6 +63,7 @@ class TrainingLogger:
             _truncate_csv(self.csv_path, start_step)
         self.csv_file = None
         self.csv_writer = None
+        self.skipped = 0
         self.start_time = time.time()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True)
 
@@ -59,7 +84,18 @@ class TrainingLogger:
             self.writer.add_scalar(f"train/{name}", value, iteration)
         self.csv_writer.writerow({"iteration": iteration, **scalars,
                                   "elapsed_s": round(time.time() - self.start_time, 3)})
+        self.csv_file.flush()  # in the operating system's hands: survives the process being killed
         self.bar.set_postfix({name: f"{value:.4g}" for name, value in scalars.items()}, refresh=False)
+        self.bar.update(1)
+
+    def skip(self, reason: str) -> None:
+        """An iteration that made no training step: the progress bar advances, no CSV row is written; ``reason``
+        is printed for the first such iteration of the run only (train.py lists them all at the end)."""
+        if not self.enabled:
+            return
+        if not self.skipped:
+            self.message(reason)
+        self.skipped += 1
         self.bar.update(1)
 
     def message(self, text: str) -> None:
