@@ -27,6 +27,13 @@ class DemoData:
     train_list: str
     val_list: str
 
+    def training_argv(self, snapshot_dir, *extra: str, steps: int = 4) -> list:
+        """train.py's command line for ``steps`` CPU steps of the tiny CCNet (BatchNorm, 48x96 crops, batch 2, no
+        ImageNet weights, no workers) on this data, snapshots to ``snapshot_dir``; ``extra`` flags appended."""
+        return ["--data-dir", self.root, "--data-list", self.train_list, "--backbone", "tiny", "--norm", "bn",
+                "--gpu", "cpu", "--input-size", "48,96", "--batch-size", "2", "--num-steps", str(steps),
+                "--num-workers", "0", "--restore-from", "", "--snapshot-dir", str(snapshot_dir), *extra]
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
@@ -56,6 +63,12 @@ def demo_data(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def training_demo(demo_data) -> DemoData:
+    """6 + 1 generated 64x128 scenes (Cityscapes format): what the training tests train the tiny CCNet on."""
+    return demo_data(num_train=6, num_val=1, height=64, width=128, seed=0)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -12,19 +12,8 @@ from utils.cli import EXIT_USAGE
 from utils.distributed import apply_gpu_choice
 
 
-@pytest.fixture(scope="module")
-def demo(demo_data):
-    return demo_data(num_train=6, num_val=1, height=64, width=128, seed=0)
-
-
-def argv_for(demo, snapshot_dir, *extra, steps=4):
-    return ["--data-dir", demo.root, "--data-list", demo.train_list, "--backbone", "tiny", "--norm", "bn",
-            "--gpu", "cpu", "--input-size", "48,96", "--batch-size", "2", "--num-steps", str(steps),
-            "--num-workers", "0", "--restore-from", "", "--snapshot-dir", str(snapshot_dir), *extra]
-
-
-def run(demo, snapshot_dir, *extra, steps=4):
-    return train.main(argv_for(demo, snapshot_dir, *extra, steps=steps))
+def run(training_demo, snapshot_dir, *extra, steps=4):
+    return train.main(training_demo.training_argv(snapshot_dir, *extra, steps=steps))
 
 
 def losses(snapshot_dir):
@@ -32,8 +21,8 @@ def losses(snapshot_dir):
         return [float(row["loss"]) for row in csv.DictReader(handle)]
 
 
-def test_loss_goes_down(demo, tmp_path):
-    assert run(demo, tmp_path, "--input-size", "64,128", "--batch-size", "4", "--save-pred-every", "100",
+def test_loss_goes_down(training_demo, tmp_path):
+    assert run(training_demo, tmp_path, "--input-size", "64,128", "--batch-size", "4", "--save-pred-every", "100",
                steps=20) == 0
     values = losses(tmp_path)
     assert len(values) == 20
@@ -42,14 +31,15 @@ def test_loss_goes_down(demo, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["CS_scenes_20.pth"]
 
 
-def test_resume_continues_exactly(demo, tmp_path):
+def test_resume_continues_exactly(training_demo, tmp_path):
     """4 iterations straight == 2 iterations, then --resume for 2 more, parameter for parameter (3 per epoch:
     the resumed part crosses an epoch boundary; augmentation and dropout on; the resumed run uses workers)."""
     augment = ("--random-mirror", "--random-scale", "--save-pred-every", "2")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run(demo, straight, *augment) == 0
+    assert run(training_demo, straight, *augment) == 0
     assert sorted(p.name for p in straight.glob("*.pth")) == ["CS_scenes_2.pth", "CS_scenes_4.pth"]
-    assert run(demo, resumed, *augment, "--resume", str(straight / "CS_scenes_2.pth"), "--num-workers", "2") == 0
+    assert run(training_demo, resumed, *augment, "--resume", str(straight / "CS_scenes_2.pth"),
+               "--num-workers", "2") == 0
     expected, got = load_checkpoint(straight / "CS_scenes_4.pth"), load_checkpoint(resumed / "CS_scenes_4.pth")
     assert got["iteration"] == 4 and expected["model"].keys() == got["model"].keys()
     for key, value in expected["model"].items():
@@ -57,8 +47,8 @@ def test_resume_continues_exactly(demo, tmp_path):
     assert losses(resumed) == losses(straight)[2:]
 
 
-def test_snapshot_holds_everything_and_loads_weights_only(demo, tmp_path):
-    assert run(demo, tmp_path, "--save-pred-every", "100", steps=1) == 0
+def test_snapshot_holds_everything_and_loads_weights_only(training_demo, tmp_path):
+    assert run(training_demo, tmp_path, "--save-pred-every", "100", steps=1) == 0
     snapshot = load_checkpoint(tmp_path / "CS_scenes_1.pth")  # torch.load(weights_only=True)
     assert set(snapshot) == {"model", "optimizer", "iteration", "rng", "scaler", "args"}
     assert not any(key.startswith("module.") for key in snapshot["model"])
@@ -67,7 +57,7 @@ def test_snapshot_holds_everything_and_loads_weights_only(demo, tmp_path):
                                                                                         "python"}
 
 
-def test_non_finite_loss_stops_with_the_iteration(demo, tmp_path, monkeypatch, failed_run):
+def test_non_finite_loss_stops_with_the_iteration(training_demo, tmp_path, monkeypatch, failed_run):
     class NanAtThirdIteration(train.CriterionDSN):
         calls = 0
 
@@ -77,17 +67,18 @@ def test_non_finite_loss_stops_with_the_iteration(demo, tmp_path, monkeypatch, f
             return loss * float("nan") if NanAtThirdIteration.calls == 3 else loss
 
     monkeypatch.setattr(train, "CriterionDSN", NanAtThirdIteration)
-    error = failed_run(train.main, argv_for(demo, tmp_path, "--save-pred-every", "2"))
+    error = failed_run(train.main, training_demo.training_argv(tmp_path, "--save-pred-every", "2"))
     assert error.startswith("non-finite loss at iteration 3") and "CS_scenes_2.pth" in error
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["CS_scenes_2.pth"]
 
 
-def test_bad_list_line_is_one_line_error(demo, tmp_path, capsys, failed_run):
+def test_bad_list_line_is_one_line_error(training_demo, tmp_path, capsys, failed_run):
     bad_list = tmp_path / "bad.lst"
-    bad_list.write_text(open(demo.train_list).readline() + "leftImg8bit/nope.png\tgtFine/nope.png\n")
-    error = failed_run(train.main, ["--data-dir", demo.root, "--data-list", str(bad_list), "--backbone", "tiny",
+    bad_list.write_text(open(training_demo.train_list).readline() + "leftImg8bit/nope.png\tgtFine/nope.png\n")
+    error = failed_run(train.main, ["--data-dir", training_demo.root, "--data-list", str(bad_list),
+                                    "--backbone", "tiny",
                                     "--gpu", "cpu", "--restore-from", "", "--snapshot-dir", str(tmp_path)])
-    assert error == f"{bad_list} line 2: file not found: {demo.root}/leftImg8bit/nope.png"
+    assert error == f"{bad_list} line 2: file not found: {training_demo.root}/leftImg8bit/nope.png"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -112,8 +103,8 @@ def test_defaults_are_the_papers():
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
-def test_training_with_amp_and_ohem(demo, tmp_path, amp, device, failed_run):
-    argv = argv_for(demo, tmp_path, "--amp", amp, "--ohem", "1", steps=3)
+def test_training_with_amp_and_ohem(training_demo, tmp_path, amp, device, failed_run):
+    argv = training_demo.training_argv(tmp_path, "--amp", amp, "--ohem", "1", steps=3)
     argv[argv.index("--gpu") + 1] = "0" if device.type == "cuda" else "cpu"
     if amp == "fp16" and device.type == "cpu":
         assert failed_run(train.main, argv) == "--amp fp16 needs a GPU; use --amp bf16 on the CPU"
@@ -124,11 +115,11 @@ def test_training_with_amp_and_ohem(demo, tmp_path, amp, device, failed_run):
     assert (snapshot["scaler"] != {}) == (amp == "fp16")
 
 
-def test_more_gpu_ids_than_processes_is_a_one_line_error(demo, tmp_path, monkeypatch, failed_run):
+def test_more_gpu_ids_than_processes_is_a_one_line_error(training_demo, tmp_path, monkeypatch, failed_run):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # restored after the test
-    error = failed_run(train.main, argv_for(demo, tmp_path, "--gpu", "0,1,2,3"))
+    error = failed_run(train.main, training_demo.training_argv(tmp_path, "--gpu", "0,1,2,3"))
     assert error.startswith("--gpu 0,1,2,3") and "torchrun --nproc_per_node=4" in error
     with pytest.raises(ValueError, match="torchrun"):
         apply_gpu_choice("0,1")
@@ -179,15 +170,15 @@ def _assert_same_training(expected_dir, actual_dir):
         torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_channels_last_trains_as_nchw_does(demo, tmp_path, capsys, device, monkeypatch):
+def test_channels_last_trains_as_nchw_does(training_demo, tmp_path, capsys, device, monkeypatch):
     """3 steps with dropout, random scale and mirror: the same training within float tolerance (on a GPU: float32
     convolutions, not TF32; the SGD step fused)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     augment = ("--random-mirror", "--random-scale", "--save-pred-every", "1", "--gpu",
                "0" if device.type == "cuda" else "cpu")
-    nchw_model = _trained(argv_for(demo, tmp_path / "nchw", *augment, "--channels-last", "0", steps=3))
+    nchw_model = _trained(training_demo.training_argv(tmp_path / "nchw", *augment, "--channels-last", "0", steps=3))
     assert not nchw_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    nhwc_model = _trained(argv_for(demo, tmp_path / "nhwc", *augment, "--channels-last", "1", steps=3))
+    nhwc_model = _trained(training_demo.training_argv(tmp_path / "nhwc", *augment, "--channels-last", "1", steps=3))
     log = capsys.readouterr().err
     assert "channels_last, torch.compile off" in log and ("fused SGD" in log) == (device.type == "cuda")
     assert nhwc_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -197,7 +188,7 @@ def test_channels_last_trains_as_nchw_does(demo, tmp_path, capsys, device, monke
 
 
 @pytest.mark.slow
-def test_compile_and_channels_last_train_as_eager_nchw_does(demo, tmp_path, capsys):
+def test_compile_and_channels_last_train_as_eager_nchw_does(training_demo, tmp_path, capsys):
     """--compile 1 --channels-last 1 against the eager NCHW run: the same training within float tolerance (the
     compiled dropout draws eager's random numbers: inductor's fallback_random). Without Inductor's on-disk caches:
     they key compiled graphs without the code of the op's fake kernels (another checkout's could be served)."""
@@ -205,9 +196,10 @@ def test_compile_and_channels_last_train_as_eager_nchw_does(demo, tmp_path, caps
     torch._dynamo.utils.counters.clear()
     augment = ("--random-mirror", "--save-pred-every", "1")
     with torch._inductor.config.patch(fallback_random=True, force_disable_caches=True):
-        _trained(argv_for(demo, tmp_path / "eager", *augment, steps=3))
+        _trained(training_demo.training_argv(tmp_path / "eager", *augment, steps=3))
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
-        _trained(argv_for(demo, tmp_path / "compiled", *augment, "--compile", "1", "--channels-last", "1", steps=3))
+        _trained(training_demo.training_argv(tmp_path / "compiled", *augment, "--compile", "1", "--channels-last", "1",
+                                             steps=3))
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step was compiled
     torch._dynamo.reset()
     output = capsys.readouterr()
