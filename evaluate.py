@@ -85,7 +85,16 @@ def prediction_paths(save_pred: str, name: str) -> Tuple[str, str]:
 
 def check_save_pred(save_pred: str, entries) -> None:
     """Before any work: ``--save-pred`` must be a folder (or not exist yet) whose outputs (the predictions of
-    ``entries`` and result.json) replace no listed image or label, and that holds none (``utils.outputs``)."""
+    ``entries`` and result.json) replace no listed image or label, and that holds none (``utils.outputs``); no two
+    listed images may share a file name (the second prediction would replace the first)."""
+    first_by_output = {}
+    for entry in entries:
+        colour_png = prediction_paths(save_pred, entry.name)[0]
+        earlier = first_by_output.setdefault(colour_png, entry)
+        if earlier is not entry:
+            raise ValueError(f"--save-pred {save_pred}: the listed images {earlier.name} (line {earlier.line}) and "
+                             f"{entry.name} (line {entry.line}) would both be written to {colour_png}; give them "
+                             "different file names")
     written = [path for entry in entries for path in prediction_paths(save_pred, entry.name)]
     inputs = [path for entry in entries for path in (entry.image_path, entry.label_path) if path is not None]
     check_output_folder("--save-pred", save_pred, written + [os.path.join(save_pred, "result.json")], inputs)

@@ -80,6 +80,25 @@ def test_save_pred_into_the_image_folder_is_refused(snapshot, data, failed_run, 
     assert checksums(root) == before and not forward_passes
 
 
+def test_two_listed_images_with_one_file_name_are_refused_before_the_first_image(snapshot, data, tmp_path, failed_run,
+                                                                                 forward_passes):
+    """The same file name in two folders: with --save-pred the second prediction would replace the first."""
+    root, data_list = data
+    first_line = data_list.read_text().splitlines()[0]
+    image, label = first_line.split("\t")
+    other_city = root / "leftImg8bit" / "val" / "other"
+    other_city.mkdir()
+    shutil.copy(root / image, other_city / os.path.basename(image))
+    twice = tmp_path / "twice.lst"
+    twice.write_text(f"{first_line}\nleftImg8bit/val/other/{os.path.basename(image)}\t{label}\n")
+    output = tmp_path / "predictions"
+    message = failed_run(evaluate.main, _evaluate_args(snapshot, root, twice, "--save-pred", str(output)))
+    assert message == (f"--save-pred {output}: the listed images {image} (line 1) and leftImg8bit/val/other/"
+                       f"{os.path.basename(image)} (line 2) would both be written to "
+                       f"{output / os.path.basename(image)}; give them different file names")
+    assert not forward_passes and not output.exists()
+
+
 def test_save_pred_with_labelids_in_the_label_folder_is_refused(snapshot, data, failed_run, forward_passes):
     """``--save-pred gtFine/val``: labelIds/<stem>.png would go into a folder named labelIds that holds labels."""
     root, data_list = data
