@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.transforms import image_to_tensor, preprocess_chw
@@ -64,8 +65,9 @@ class ListEntry:
 def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[ListEntry]:
     """Parse a list file; raise ``DataError`` naming the file and line for anything wrong.
 
-    check_files: also check that every listed file exists, is not empty and may be read (a stat per file: cheap
-    even for 3475 lines), so that a bad file at line 480 stops the run before the first image, not after 479.
+    check_files: also check that every listed file exists, is not empty and may be read (a stat per file), and that
+    every label is a single-channel 8-bit image (its header, no pixels decoded): cheap even for 3475 lines, so that
+    a bad file at line 480 stops the run before the first image, not after 479.
     """
     if not os.path.isdir(data_dir):
         raise DataError(f"data dir not found: {data_dir}")
@@ -95,6 +97,8 @@ def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[L
                         raise DataError(f"{where}: empty file: {path}")
                     if path is not None and not os.access(path, os.R_OK):
                         raise DataError(f"{where}: no permission to read {path}")
+                if label_path is not None:
+                    _check_label_header(label_path, where)
             entries.append(ListEntry(image_path, label_path, fields[0], line_number))
     if not entries:
         raise DataError(f"list file has no entries: {list_path}")
@@ -125,6 +129,31 @@ def _read_image(entry: ListEntry, where: str) -> np.ndarray:
     return image
 
 
+def _check_label_format(path: str, where: str, channels: int, pixel_type: str) -> None:
+    """Raise ``DataError`` unless the label file ``path`` has one channel of uint8 pixels."""
+    if channels != 1:
+        raise DataError(f"{where}: label {path} has {channels} channels (a colour image?): a label file holds one id "
+                        "per pixel in a single channel, e.g. *_gtFine_labelIds.png, not *_gtFine_color.png")
+    if pixel_type != "uint8":
+        raise DataError(f"{where}: label {path} has {pixel_type} pixels: label files are 8-bit")
+
+
+# PIL image modes that are not 8-bit grey: the channels and pixel type OpenCV reads them as (a paletted image: BGR)
+_PIL_MODE_FORMATS = {"P": (3, "uint8"), "I;16": (1, "uint16"), "I;16B": (1, "uint16"), "I;16L": (1, "uint16"),
+                     "I": (1, "int32"), "F": (1, "float32")}
+
+
+def _check_label_header(path: str, where: str) -> None:
+    """:func:`_check_label_format` from the file's header (PIL reads no pixels): a colour or 16-bit label is refused
+    when the list is read, before any image is. An unreadable header is left to the full read."""
+    try:
+        with Image.open(path) as label:
+            mode, bands = label.mode, len(label.getbands())
+    except (OSError, ValueError):
+        return
+    _check_label_format(path, where, *_PIL_MODE_FORMATS.get(mode, (bands, "uint8")))
+
+
 def _read_label(entry: ListEntry, image_shape: tuple, where: str) -> np.ndarray:
     """The label file's pixels as stored, ``(H, W)`` uint8; a colour (or paletted, or grey + alpha) image, a 16-bit
     one, or one of another size than its image raises ``DataError``. (Read unchanged: ``IMREAD_GRAYSCALE`` would
@@ -132,12 +161,7 @@ def _read_label(entry: ListEntry, image_shape: tuple, where: str) -> np.ndarray:
     label = cv2.imread(entry.label_path, cv2.IMREAD_UNCHANGED)
     if label is None:
         raise DataError(f"{where}: cannot read label {entry.label_path}")
-    if label.ndim != 2:
-        raise DataError(f"{where}: label {entry.label_path} has {label.shape[2]} channels (a colour image?): a label "
-                        "file holds one id per pixel in a single channel, e.g. *_gtFine_labelIds.png, not "
-                        "*_gtFine_color.png")
-    if label.dtype != np.uint8:
-        raise DataError(f"{where}: label {entry.label_path} has {label.dtype} pixels: label files are 8-bit")
+    _check_label_format(entry.label_path, where, 1 if label.ndim == 2 else label.shape[2], str(label.dtype))
     if label.shape != image_shape[:2]:
         raise DataError(f"{where}: label {entry.label_path} is {label.shape[0]}x{label.shape[1]} but its image "
                         f"is {image_shape[0]}x{image_shape[1]}")

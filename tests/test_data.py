@@ -7,12 +7,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from dataset.cityscapes import CITYSCAPES
 from dataset.generate_demo import generate
 from dataset.labels import label_ids_to_train_ids
 from dataset.make_lists import make_lists
+from dataset import segmentation
 from dataset.registry import get_dataset
 from dataset.sampler import ResumableDistributedSampler
 from dataset.segmentation import DataError, read_list
@@ -252,11 +254,18 @@ def test_colour_and_16_bit_labels_are_refused_naming_the_file(demo_data, tmp_pat
     entry = read_list(str(root), list_path)[0]
     label = cv2.imread(entry.label_path, cv2.IMREAD_UNCHANGED)
     spec = get_dataset(dataset)
-    for pixels, problem in ((cv2.merge([label, label, label]), "has 3 channels (a colour image?)"),
-                            (label.astype(np.uint16), "has uint16 pixels: label files are 8-bit")):
-        cv2.imwrite(entry.label_path, pixels)
-        with pytest.raises(DataError) as error:
-            spec.dataset(str(root), list_path, training=False)[0]
+    paletted = Image.fromarray(label).convert("P")
+    for write, problem in ((lambda: cv2.imwrite(entry.label_path, cv2.merge([label, label, label])),
+                            "has 3 channels (a colour image?)"),
+                           (lambda: paletted.save(entry.label_path), "has 3 channels (a colour image?)"),
+                           (lambda: cv2.imwrite(entry.label_path, label.astype(np.uint16)),
+                            "has uint16 pixels: label files are 8-bit")):
+        write()
+        with pytest.raises(DataError) as error:  # from the header, when the list is read
+            spec.dataset(str(root), list_path, training=False)
+        assert str(error.value).startswith(f"{list_path} line 1: label {entry.label_path} {problem}")
+        with pytest.raises(DataError) as error:  # and from the pixels, where a header does not tell
+            segmentation._read_label(entry, label.shape, f"{list_path} line 1")
         assert str(error.value).startswith(f"{list_path} line 1: label {entry.label_path} {problem}")
 
 

@@ -230,17 +230,18 @@ def test_visualize_and_export_refuse_to_write_over_their_input(snapshot, tmp_pat
     assert checksums(tmp_path) == before
 
 
-def test_rgb_label_is_refused_naming_the_file(snapshot, data, failed_run):
+def test_rgb_label_is_refused_naming_the_file_before_the_first_image(snapshot, data, failed_run, forward_passes):
+    """A colour label on the last line: found in the labels' headers when the list is read, before any image."""
     root, data_list = data
     entries = read_list(str(root), str(data_list))
-    label = cv2.imread(entries[2].label_path, cv2.IMREAD_UNCHANGED)
-    cv2.imwrite(entries[2].label_path, cv2.merge([label, label, label]))  # a grey label saved as colour
+    label = cv2.imread(entries[-1].label_path, cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(entries[-1].label_path, cv2.merge([label, label, label]))  # a grey label saved as colour
     before = checksums(root)
     message = failed_run(evaluate.main, _evaluate_args(snapshot, root, data_list))
-    assert message == f"{data_list} line 3: label {entries[2].label_path} has 3 channels (a colour image?): a label " \
-                      "file holds one id per pixel in a single channel, e.g. *_gtFine_labelIds.png, not " \
+    assert message == f"{data_list} line {NUM_VAL}: label {entries[-1].label_path} has 3 channels (a colour image?): " \
+                      "a label file holds one id per pixel in a single channel, e.g. *_gtFine_labelIds.png, not " \
                       "*_gtFine_color.png"
-    assert checksums(root) == before
+    assert checksums(root) == before and not forward_passes
 
 
 def test_train_id_labels_are_counted_across_workers_and_the_first_named(snapshot, data, tmp_path, capsys):
