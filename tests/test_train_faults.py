@@ -352,3 +352,25 @@ def test_truncated_log_keeps_earlier_rows_and_drops_a_cut_one(tmp_path):
     log.write_text("iteration,loss,lr,elapsed_s\n1,2.5,0.01,0.1\n2,2.")
     _truncate_csv(str(log), 9)
     assert log.read_text().splitlines() == ["iteration,loss,lr,elapsed_s", "1,2.5,0.01,0.1"]
+
+
+def test_a_full_disk_while_logging_stops_the_log_not_the_training(tmp_path, capsys, monkeypatch):
+    """A CSV row that cannot be written (ENOSPC): one warning line, the rows before it kept, no exception (rank 0
+    alone stopping would leave the other processes waiting; a snapshot that cannot be written stops them all)."""
+    from utils.logger import TrainingLogger
+    logger = TrainingLogger(str(tmp_path), total_steps=4)
+    logger.log(1, loss=2.5, lr=0.01)
+    logger.log(2, loss=2.4, lr=0.01)
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(logger.csv_file, "flush", full_disk)
+    logger.log(3, loss=2.3, lr=0.01)
+    logger.log(4, loss=2.2, lr=0.01)
+    logger.close()
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [f"warning: {tmp_path / 'train_log.csv'}: rows from iteration 3 on not written (No space left "
+                        "on device); training goes on"]
+    rows = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[:3]] == ["iteration", "1", "2"] and "4" not in [r[:1] for r in rows]

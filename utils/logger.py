@@ -63,6 +63,7 @@ class TrainingLogger:
             _truncate_csv(self.csv_path, start_step)
         self.csv_file = None
         self.csv_writer = None
+        self.csv_stopped = False  # after a write failed (see _stop_csv)
         self.skipped = 0
         self.start_time = time.time()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True)
@@ -78,15 +79,32 @@ class TrainingLogger:
         """Record the scalars of 1-based ``iteration`` (the number of steps done)."""
         if not self.enabled:
             return
-        if self.csv_writer is None:
-            self._open_csv(list(scalars))
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, iteration)
-        self.csv_writer.writerow({"iteration": iteration, **scalars,
-                                  "elapsed_s": round(time.time() - self.start_time, 3)})
-        self.csv_file.flush()  # in the operating system's hands: survives the process being killed
+        if not self.csv_stopped:
+            try:
+                if self.csv_writer is None:
+                    self._open_csv(list(scalars))
+                self.csv_writer.writerow({"iteration": iteration, **scalars,
+                                          "elapsed_s": round(time.time() - self.start_time, 3)})
+                self.csv_file.flush()  # in the operating system's hands: survives the process being killed
+            except OSError as error:  # e.g. a full disk: the log stops, the training goes on
+                self._stop_csv(iteration, error)
         self.bar.set_postfix({name: f"{value:.4g}" for name, value in scalars.items()}, refresh=False)
         self.bar.update(1)
+
+    def _stop_csv(self, iteration: int, error: OSError) -> None:
+        """Write no more CSV rows after ``error``; say so in one line. Training goes on: stopping rank 0 alone would
+        leave the other processes waiting, and a snapshot that cannot be written stops the run on every rank."""
+        self.message(f"warning: {self.csv_path}: rows from iteration {iteration} on not written "
+                     f"({error.strerror or error}); training goes on")
+        self.csv_stopped = True
+        try:
+            if self.csv_file is not None:
+                self.csv_file.close()
+        except OSError:
+            pass
+        self.csv_file = None
 
     def skip(self, reason: str) -> None:
         """An iteration that made no training step: the progress bar advances, no CSV row is written; ``reason``
