@@ -13,6 +13,7 @@
 #                            prints the mIoU table and the folder of colorized predictions.
 #
 # GPU_IDS=cpu (with NPROC processes, default 1) runs the same recipe on the CPU, e.g. to check a set-up.
+# RESUME=SNAPSHOT_DIR/CS_scenes_<iter>.pth continues an interrupted run (train.py --resume), then evaluates.
 # Every number is an environment variable, e.g. `STEPS=40000 BS=16 GPU_IDS=0,1 ./run_local.sh /data/cityscapes`
 # or `DEMO_STEPS=50 ./run_local.sh`. PYTHON (default .venv/bin/python if present, else python3) runs everything.
 set -euo pipefail
@@ -42,6 +43,7 @@ if [[ $# -ge 1 ]]; then
     BACKBONE=${BACKBONE:-resnet101}
     RESTORE_FROM=${RESTORE_FROM-./dataset/resnet101-imagenet.pth}  # empty: from scratch
     SNAPSHOT_DIR=${SNAPSHOT_DIR:-snapshots}
+    RESUME=${RESUME:-}  # a snapshot of an interrupted run in SNAPSHOT_DIR: continue it
     NUM_WORKERS=${NUM_WORKERS:-4}
     TRAIN_LIST=${TRAIN_LIST:-./dataset/list/$DATASET/train.lst}
     VAL_LIST=${VAL_LIST:-./dataset/list/$DATASET/val.lst}
@@ -63,6 +65,12 @@ if [[ $# -ge 1 ]]; then
     if [[ -n "$RESTORE_FROM" && ! -f "$RESTORE_FROM" ]]; then
         echo "run_local.sh: RESTORE_FROM=$RESTORE_FROM: no such file (the ImageNet weights: see the README's" \
              "Weights); RESTORE_FROM= trains from scratch" >&2
+        exit 1
+    fi
+    last_snapshot=$(ls -1v "$SNAPSHOT_DIR"/CS_scenes_*.pth 2>/dev/null | tail -n 1 || true)
+    if [[ -z "$RESUME" && -n "$last_snapshot" ]]; then
+        echo "run_local.sh: SNAPSHOT_DIR=$SNAPSHOT_DIR holds another run's snapshots: RESUME=$last_snapshot" \
+             "continues that run, or set another SNAPSHOT_DIR" >&2
         exit 1
     fi
     written=""   # the folders already written (TRAIN_LIST and VAL_LIST may live in different ones)
@@ -88,7 +96,7 @@ if [[ $# -ge 1 ]]; then
         --input-size "$INPUT_SIZE" --learning-rate "$LR" --weight-decay "$WD" --batch-size "$BS" \
         --num-steps "$STEPS" --recurrence "$RECURRENCE" \
         --ohem "$OHEM" --ohem-thres "$OHEM_THRES" --ohem-keep "$OHEM_KEEP" \
-        --num-workers "$NUM_WORKERS" --snapshot-dir "$SNAPSHOT_DIR" "${DEVICE[@]}"
+        --num-workers "$NUM_WORKERS" --snapshot-dir "$SNAPSHOT_DIR" ${RESUME:+--resume "$RESUME"} "${DEVICE[@]}"
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" evaluate.py \
         --dataset "$DATASET" --data-dir "$DATA_PATH" --data-list "$VAL_LIST" --model ccnet --backbone "$BACKBONE" \
         --restore-from "$SNAPSHOT_DIR/CS_scenes_$STEPS.pth" --recurrence "$RECURRENCE" \

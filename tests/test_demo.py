@@ -43,3 +43,17 @@ def test_the_recipe_runs_train_then_evaluate_under_torchrun(tmp_path, repo_root,
     result = json.loads((tmp_path / "snapshots" / "result.json").read_text())
     assert result["num_images"] == 3 and result["input_size"] == [48, 48] and result["dataset"] == dataset
     assert result["whole"] is (dataset == "ade20k")  # each dataset's evaluation mode
+    if processes == 1:  # a second run into the same SNAPSHOT_DIR: refused unless RESUME continues the first
+        done = subprocess.run([str(repo_root / "run_local.sh"), data.root], env=env, capture_output=True, text=True,
+                              timeout=300)
+        last = tmp_path / "snapshots" / "CS_scenes_2.pth"
+        assert done.returncode == 1 and done.stderr.strip() == (
+            f"run_local.sh: SNAPSHOT_DIR={tmp_path / 'snapshots'} holds another run's snapshots: RESUME={last} "
+            "continues that run, or set another SNAPSHOT_DIR")
+        env.update(RESUME=str(last), STEPS="3")
+        done = subprocess.run([str(repo_root / "run_local.sh"), data.root], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert f"--resume {last}" in done.stderr
+        result = json.loads((tmp_path / "snapshots" / "result.json").read_text())
+        assert result["snapshot"].endswith("CS_scenes_3.pth")
