@@ -444,8 +444,10 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
             done = iteration + 1
             images, labels, names = next(batches)
             all_void, bad_label = _label_problems(labels, names, args, done)
-            # every process takes the same decision (a process that skipped a step alone would wait forever)
-            problems = all_reduce_sum(torch.tensor([float(all_void), float(bad_label is not None)], device=device))
+            # every process takes the same decision (a process that skipped a step alone would wait forever); a
+            # single process keeps the flags on the CPU: no copy to the GPU, no wait for its queued work
+            problems = all_reduce_sum(torch.tensor([float(all_void), float(bad_label is not None)],
+                                                   device=device if world_size > 1 else "cpu"))
             void_processes, bad_label_processes = (int(count) for count in problems.tolist())
             if bad_label_processes:
                 raise TrainingError(bad_label or f"iteration {done}: another process's batch holds a train id "
