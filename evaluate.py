@@ -42,7 +42,7 @@ from engine.snapshot import (add_inference_arguments, add_model_arguments, add_s
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main
 from utils.distributed import all_reduce_sum, apply_gpu_choice, barrier, is_main_process, process_group, shard
-from utils.inference import check_scales, predict_logits
+from utils.inference import predict_logits
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
 from utils.outputs import check_output_folder
 
@@ -112,9 +112,8 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     tile_size = None if args.whole else args.input_size
     conf = None
     for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
-        check_scales(images.shape[-2:], args.scales, ", ".join(names))
         logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip,
-                                args.tile_batch)
+                                args.tile_batch, image_name=", ".join(names))
         prediction = logits.argmax(dim=1)  # (N, H, W) train ids
         if labels is not None:
             batch_conf = confusion_matrix(prediction, labels.to(device), args.num_classes, IGNORE_LABEL)

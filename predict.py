@@ -28,7 +28,7 @@ from engine.snapshot import (add_inference_arguments, add_model_arguments, add_s
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_fraction, run_main
 from utils.distributed import apply_gpu_choice
-from utils.inference import check_scales, predict_logits
+from utils.inference import predict_logits
 from utils.outputs import check_output_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -88,9 +88,8 @@ def run(args) -> None:
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f"cannot read image {path}")
-        check_scales(image.shape[:2], args.scales, path)
         logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
-                                args.tile_batch)
+                                args.tile_batch, image_name=path)
         train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         prediction_path, overlay_path = output_paths(args.output, path)
         save_paletted_png(prediction_path, train_ids, palette)

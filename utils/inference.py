@@ -109,6 +109,7 @@ def predict_logits(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     tile_batch: int = 1,
+    image_name: str = "the image",
 ) -> torch.Tensor:
     """Logits ``(N, K, H, W)`` of ``(N, 3, H, W)`` preprocessed images, averaged over scales and flips.
 
@@ -120,12 +121,14 @@ def predict_logits(
         scales: image scale factors (``1.0`` = original size).
         flip: also predict the left-right mirrored image.
         tile_batch: sliding window: tiles per forward pass.
+        image_name: what the one-line error of a scale that shrinks the images to nothing names (see
+            :func:`check_scales`).
     """
     if not scales:
         raise ValueError("scales must list at least one scale factor")
     if any(scale <= 0 for scale in scales):
         raise ValueError(f"scale factors must be positive, got {list(scales)}")
-    check_scales(images.shape[-2:], scales)
+    check_scales(images.shape[-2:], scales, image_name)
     size = images.shape[-2:]
     total = None
     for scale in scales:
