@@ -106,7 +106,7 @@ def run(args) -> None:
             prediction_path, overlay_path = output_paths(args.output, path)
             save_paletted_png(prediction_path, train_ids, palette)
             with atomic_output(overlay_path) as temporary:
-                check_encoded(cv2.imwrite(temporary, overlay(image, train_ids, palette, args.alpha)), overlay_path)
+                check_encoded(cv2.imwrite(temporary, overlay(image, train_ids, palette, args.alpha)))
             print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {prediction_path}, {overlay_path}")
     finally:
         lock.release()

@@ -171,7 +171,7 @@ def run(args) -> None:
         maps = context_maps(attentions, feature_point(point, (height, width), logits.shape[-2:]))
         rows.append(render(image, train_ids, get_dataset(args.dataset).palette, point, maps))
     with atomic_output(output) as temporary:
-        check_encoded(cv2.imwrite(temporary, np.concatenate(rows, axis=0)), output)
+        check_encoded(cv2.imwrite(temporary, np.concatenate(rows, axis=0)))
     print(f"attention of {len(args.point)} point(s) after R = 1..{len(attentions)} loops: {output}")
 
 

@@ -216,11 +216,11 @@ def atomic_output(path: str) -> Iterator[str]:
                 pass
 
 
-def check_encoded(written: bool, path: str) -> None:
+def check_encoded(written: bool) -> None:
     """``cv2.imwrite``'s result: raise ``OSError`` (turned into :class:`OutputError` by :func:`atomic_output`) when
     it is False (OpenCV reports a failed write, e.g. a full disk, only so)."""
     if not written:
-        raise OSError(0, f"the image encoder failed writing {path}")
+        raise OSError(0, "the image encoder reported a failure (a full disk, or a format it cannot write)")
 
 
 def lock_output_folder(flag: str, folder: str) -> FolderLock:
