@@ -46,7 +46,11 @@ def find_images(inputs: Sequence[str]) -> List[str]:
     images = []
     for path in inputs:
         if os.path.isdir(path):
-            found = sorted(os.path.join(path, name) for name in os.listdir(path)
+            try:
+                names = os.listdir(path)
+            except OSError as error:  # a folder of mode 000
+                raise FileNotFoundError(f"cannot list the folder {path}: {error.strerror or error}") from None
+            found = sorted(os.path.join(path, name) for name in names
                            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
             if not found:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")

@@ -337,7 +337,7 @@ def _save_snapshot(state: dict, path: str, last_snapshot: str | None) -> None:
     """Write ``state`` to ``path`` if its weights, buffers and optimizer tensors are all finite; otherwise, or if
     the file system refuses the write, a :class:`TrainingError` that names the last snapshot written."""
     last = f"Last good snapshot: {last_snapshot or 'none written yet'}"
-    non_finite = non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+    non_finite = non_finite_tensors(state)  # every tensor the loaders check: the model, optimizer, scaler
     if non_finite:
         raise TrainingError(f"iteration {state['iteration']}: {len(non_finite)} tensor(s) hold NaN or infinite values "
                             f"(first: {non_finite[0]}); {path} not written, training stopped. {last}")

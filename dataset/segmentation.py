@@ -17,7 +17,6 @@ where a resumed run starts. Call ``set_epoch`` before each epoch (before the Dat
 import glob
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -129,20 +128,29 @@ def find_list_lines(root: str, image_pattern: str, label_of: Optional[Callable[[
 def _decode(path: str, flags: int) -> Tuple[Optional[np.ndarray], str]:
     """``cv2.imread(path, flags)`` and what its decoder printed meanwhile: libjpeg reports a truncated or corrupt
     JPEG only as a warning on the process's stderr ("Premature end of JPEG file") and returns the image with its
-    missing part grey. The stderr file descriptor is redirected to a temporary file for the call (a data-loading
-    process reads one image at a time)."""
+    missing part grey. The stderr file descriptor is a pipe for the call (a data-loading process reads one image at
+    a time); its writing end does not block, so a decoder that says more than the pipe holds loses the rest (the
+    first words are the cause)."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
+    reading, writing = os.pipe()
+    try:
+        os.set_blocking(writing, False)
+        os.dup2(writing, 2)
         try:
             image = cv2.imread(path, flags)
         finally:
             os.dup2(saved, 2)
-            os.close(saved)
-        capture.seek(0)
-        said = capture.read().decode(errors="replace").strip()
-    return image, said
+            os.close(writing)
+        os.set_blocking(reading, False)
+        try:
+            said = os.read(reading, 4096)
+        except BlockingIOError:
+            said = b""
+    finally:
+        os.close(reading)
+        os.close(saved)
+    return image, said.decode(errors="replace").strip()
 
 
 def read_image_file(path: str, flags: int = cv2.IMREAD_COLOR, what: str = "image", where: str = "") -> np.ndarray:

@@ -245,6 +245,8 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {path}: {path_problem(str(path))}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as error:  # no permission, an I/O error: the file is not at fault
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({error.strerror or error})") from error
     except Exception as error:  # the chained exception keeps torch's detailed message
         raise CheckpointError(
             f"checkpoint {path}: torch.load(weights_only=True) failed ({type(error).__name__}): corrupt, "
