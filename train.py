@@ -111,7 +111,8 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--weight-decay", type=parse_non_negative_float, default=None,
                        help="SGD weight decay (on every parameter); default: "
                             + per_dataset(lambda spec: spec.training.weight_decay))
-    optim.add_argument("--power", type=parse_non_negative_float, default=0.9, help="poly schedule: lr = base * (1 - it/max) ** power")
+    optim.add_argument("--power", type=parse_non_negative_float, default=0.9,
+                       help="poly schedule: lr = base * (1 - it/max) ** power")
     optim.add_argument("--num-steps", type=parse_positive_int, default=None,
                        help="number of training iterations; default: "
                             + per_dataset(lambda spec: spec.training.num_steps))
@@ -334,7 +335,7 @@ def _snapshot_dir_claimed(args, device: torch.device):
 
 
 def _save_snapshot(state: dict, path: str, last_snapshot: str | None) -> None:
-    """Write ``state`` to ``path`` if its weights, buffers and optimizer tensors are all finite; otherwise, or if
+    """Write ``state`` to ``path`` if all its tensors (weights, buffers, optimizer, scaler) are finite; otherwise, or if
     the file system refuses the write, a :class:`TrainingError` that names the last snapshot written."""
     last = f"Last good snapshot: {last_snapshot or 'none written yet'}"
     non_finite = non_finite_tensors(state)  # every tensor the loaders check: the model, optimizer, scaler

@@ -145,7 +145,7 @@ def process_group(use_cuda: bool | None = None,
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PeerLostError(f"process {info.rank} of {info.world_size}: a peer process stopped answering (it died, "
                             f"or stalled past --collective-timeout {timeout_s:g} s); the run ends here "
-                            f"({first_line.split('] ', 1)[-1]})") from None
+                            f"({first_line.split('] ', 1)[-1].split('. ', 1)[0].rstrip('.')})") from None
     finally:
         if not lost:  # leaving a group whose peer is gone could wait for it again
             cleanup()
