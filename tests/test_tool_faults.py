@@ -401,7 +401,12 @@ def test_an_output_folder_in_use_by_another_run_is_refused(snapshot, data, image
     finally:
         lock.release()
     assert sorted(os.listdir(folder)) == [".lock"]
+    killed_mid_write = folder / ".photo.png.ab12_XYZ.partial.png"  # what a SIGKILL during atomic_output leaves
+    killed_mid_write.write_bytes(b"\x89PNG half")
+    notes = folder / ".notes.partial"  # not of that form: not ours
+    notes.write_text("keep")
     assert predict.main(_predict_args(snapshot, folder, image)) == 0
+    assert sorted(os.listdir(folder)) == [".lock", ".notes.partial", "photo.png", "photo_overlay.jpg"]
 
 
 # ------------------------------------------------------------------------------------------------ 10. wording

@@ -24,7 +24,9 @@ complete; any ``OSError`` (a full disk, a read-only folder) or an encoder that r
 Everything here is a few ``stat`` calls (and an 8-byte read for each existing output) per file: cheap next to
 reading one image.
 """
+import glob
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
@@ -41,6 +43,7 @@ OUTPUT_SIGNATURES: Dict[str, Tuple[bytes, ...]] = {
 # The first bytes of a PyTorch checkpoint: a zip archive (torch.save since 1.6) or a pickle (older files).
 CHECKPOINT_SIGNATURES = (b"PK\x03\x04", b"\x80")
 PARTIAL_MARKER = ".partial"  # atomic_output's temporary files: .<name>.<random>.partial<suffix>
+_PARTIAL_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial(\.[A-Za-z0-9]+)?$")  # mkstemp's 8 random characters
 
 
 class OutputError(RunFailure):
@@ -225,11 +228,20 @@ def check_encoded(written: bool) -> None:
 
 def lock_output_folder(flag: str, folder: str) -> FolderLock:
     """Hold ``folder``'s :class:`utils.checkpoint.FolderLock` while this run writes there; another run holding it
-    is a ``ValueError`` naming the flag (two runs would interleave their outputs)."""
+    is a ``ValueError`` naming the flag (two runs would interleave their outputs). Once it is held, the temporary
+    files that a killed run's :func:`atomic_output` left in ``folder`` and its subfolders are removed (only names
+    of that form: ``.<name>.<8 random characters>.partial<suffix>``)."""
     try:
-        return FolderLock(folder)
+        lock = FolderLock(folder)
     except FolderLockedError as error:
         raise ValueError(f"{flag} {folder} is in use by another run ({error}): wait for it to end, or choose "
                          "another folder") from None
     except OSError as error:
         raise OutputError(f"{flag} {folder}: cannot be written ({os_error_reason(error)})") from None
+    for path in glob.glob(os.path.join(glob.escape(folder), "**", f".*{PARTIAL_MARKER}*"), recursive=True):
+        if _PARTIAL_NAME.match(os.path.basename(path)) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    return lock
