@@ -16,6 +16,7 @@ where a resumed run starts. Call ``set_epoch`` before each epoch (before the Dat
 """
 import glob
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -153,15 +154,21 @@ def _decode(path: str, flags: int) -> Tuple[Optional[np.ndarray], str]:
     return image, said.decode(errors="replace").strip()
 
 
+# libpng's warnings about an ancillary chunk (its type starts with a lowercase letter: iCCP, sRGB, tEXt, ...): a
+# colour profile or text that libpng drops, the pixels being read as stored; every other warning is damage.
+_METADATA_WARNING = re.compile(r"^libpng warning: [a-z][A-Za-z]{3}: ")
+
+
 def read_image_file(path: str, flags: int = cv2.IMREAD_COLOR, what: str = "image", where: str = "") -> np.ndarray:
     """The pixels of the image or label file ``path`` (``what``: "image" or "label"; ``where``: the list line, or
     empty); a file the decoder cannot read, or reads with a warning (a truncated JPEG), raises ``DataError`` naming
-    ``where`` and the file."""
+    ``where`` and the file. libpng's warnings about a PNG's metadata (a broken colour profile) are not damage: the
+    pixels are read as stored."""
     where = f"{where}: " if where else ""
     image, said = _decode(path, flags)
-    if said:
-        raise DataError(f"{where}{what} {path} is damaged: the decoder says "
-                        f"{' / '.join(said.splitlines())!r}")
+    damage = [line for line in said.splitlines() if line.strip() and not _METADATA_WARNING.match(line)]
+    if damage:
+        raise DataError(f"{where}{what} {path} is damaged: the decoder says {' / '.join(damage)!r}")
     if image is None:
         problem = path_problem(path) if not os.access(path, os.R_OK) else "not a readable image file"
         raise DataError(f"{where}cannot read {what} {path} ({problem})")

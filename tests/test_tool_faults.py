@@ -25,7 +25,7 @@ import export_onnx
 import predict
 import train
 import visualize_attention
-from dataset.segmentation import DataError, read_list
+from dataset.segmentation import DataError, read_image_file, read_list
 from networks import build_model
 from utils import outputs
 from utils.checkpoint import (CHECKSUM_KEY, CheckpointError, FolderLock, load_checkpoint, load_model_weights,
@@ -385,6 +385,22 @@ def test_a_truncated_jpeg_is_an_error_naming_the_list_line(data, snapshot, tmp_p
     message = failed_run(evaluate.main, _evaluate_args(snapshot, root, data_list))
     assert message == (f"{data_list} line {len(lines)}: image {jpeg} is damaged: the decoder says 'Premature end of "
                        "JPEG file'")
+
+
+def test_a_png_with_a_broken_colour_profile_is_read_a_corrupt_one_is_not(tmp_path):
+    """libpng warns about both; only damage to what carries the pixels is an error."""
+    from PIL import Image
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "profile.png"
+    Image.fromarray(pixels).save(path, icc_profile=b"not a profile")  # libpng: "iCCP: too short"
+    assert np.array_equal(read_image_file(str(path))[..., ::-1], pixels)
+    raw = bytearray(path.read_bytes())
+    header = raw.index(b"IDAT")
+    raw[header + 6] ^= 0xFF  # a byte of the compressed pixels: the chunk's CRC no longer matches
+    path.write_bytes(raw)
+    with pytest.raises(DataError) as error:
+        read_image_file(str(path))
+    assert str(error.value).startswith(f"image {path} is damaged: the decoder says 'libpng error: IDAT: ")
 
 
 # ---------------------------------------------------------------------------- 9. two runs, one output folder
