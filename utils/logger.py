@@ -14,7 +14,7 @@ from tqdm import tqdm
 def _truncate_csv(path: str, last_iteration: int) -> None:
     """Keep the header and the rows up to ``last_iteration`` of a CSV log; drop the later ones and any row that a
     killed process left incomplete. Rewritten atomically (a temporary file, then ``os.replace``): a crash meanwhile
-    leaves the old file."""
+    leaves the old file; an ``OSError`` (raised again) leaves it and removes the temporary file."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     if not rows:
@@ -23,11 +23,16 @@ def _truncate_csv(path: str, last_iteration: int) -> None:
     kept = [header] + [row for row in rows[1:] if _complete_row(row, len(header))
                        and int(row[0]) <= last_iteration]
     temporary = f"{path}.tmp"
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows(kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError:  # e.g. a full disk: the old file stays, no partial copy beside it
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def _complete_row(row: list, columns: int) -> bool:
