@@ -112,6 +112,11 @@ def check_save_pred(save_pred: str, entries, restore_from: str) -> None:
                         checkpoints=[restore_from])
 
 
+def beside_snapshot(args) -> str:
+    """result.json's path without ``--save-pred``: in the snapshot's folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(args.restore_from)), RESULT_NAME)
+
+
 def write_result(args, scores, class_names, extra: dict) -> str:
     """Write result.json (``--save-pred``'s, else beside the snapshot); returns its path. A snapshot folder that
     cannot be written (read-only, no permission) puts it in the current folder instead, with a warning line."""
@@ -119,7 +124,7 @@ def write_result(args, scores, class_names, extra: dict) -> str:
         path = os.path.join(args.save_pred, RESULT_NAME)
         write_result_json(path, scores, class_names, extra)
         return path
-    path = os.path.join(os.path.dirname(os.path.abspath(args.restore_from)), RESULT_NAME)
+    path = beside_snapshot(args)
     try:
         write_result_json(path, scores, class_names, extra)
         return path
@@ -178,6 +183,9 @@ def run(args) -> None:
                             "predictions")
         if args.save_pred:
             check_save_pred(args.save_pred, dataset.entries, args.restore_from)
+        elif labelled:  # result.json beside the snapshot replaces only an earlier result.json
+            check_output_file(RESULT_NAME, beside_snapshot(args), [], suffixes=(".json",),
+                              checkpoints=[args.restore_from])
         lock = _lock_save_pred(args, info.device)
         try:
             _evaluate_and_report(args, checkpoint, spec, dataset, info)

@@ -140,6 +140,15 @@ def test_the_snapshot_is_never_an_output(snapshot, data, image, tmp_path, failed
     assert message.startswith(f"--save-pred {result_link}: writing {result_link / 'result.json'} would replace the "
                               f"input {snapshot}")
     assert _bytes(snapshot) == snapshot_bytes and _bytes(own) == snapshot_bytes and _bytes(renamed) == snapshot_bytes
+    notes = Path(snapshot).parent / "result.json"  # beside the snapshot, not a result of ours: checked first
+    notes.write_text("my notes")
+    try:
+        message = failed_run(evaluate.main, _evaluate_args(snapshot, root, data_list))
+        assert message == f"result.json {notes}: {notes} exists and is not a .json file this tool writes; it is not " \
+                          "replaced: move it or choose another output"
+        assert notes.read_text() == "my notes"
+    finally:
+        notes.unlink()
 
 
 def test_a_file_of_another_kind_is_never_replaced(snapshot, image, tmp_path, failed_run):
