@@ -27,7 +27,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # The default of --max-pixels: the pixels one forward pass may take (image or tile x batch, after scaling): 16
-# Cityscapes images. The activations of a ResNet-101 grow linearly with them (about 40 GiB at this size on a GPU).
+# Cityscapes images (1024 x 2048). The activations of a ResNet-101 grow linearly with them.
 DEFAULT_MAX_PIXELS = 2 ** 25
 
 

@@ -123,9 +123,10 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None,
 def _is_collective_failure(error: BaseException) -> bool:
     """Whether ``error`` comes from the communication library (gloo's or NCCL's errors are RuntimeErrors whose
     text names them; newer ones are ``torch.distributed.DistError``)."""
-    text = str(error)
-    return isinstance(error, getattr(dist, "DistError", ())) or any(
-        marker in text for marker in ("gloo/", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return type(error) is RuntimeError and any(  # our own errors subclass RuntimeError: never these
+        marker in str(error) for marker in ("gloo/", "NCCL", "Connection reset by peer", "Connection closed by peer"))
 
 
 @contextmanager
