@@ -10,8 +10,8 @@ and the path at fault when
 * a file to be written is an input -- the images and labels read, and the ``--restore-from`` checkpoint: the same
   path, the same file through a symbolic link or another spelling (paths compared after ``os.path.realpath``), or
   the same file under another name (a hard link: ``(st_dev, st_ino)`` compared);
-* a file to be written already exists and is not of the kind the tool writes there (its first bytes: a PNG, a JPEG,
-  JSON, ONNX): a tool replaces its own earlier outputs, never another file -- and never a checkpoint;
+* a file to be written already exists, is not empty and is not of the kind the tool writes there (its first bytes: a
+  PNG, a JPEG, JSON, ONNX): a tool replaces its own earlier outputs, never another file -- and never a checkpoint;
 * (files only) the name does not end with the tool's suffix (``export_onnx.py --output x.pth``);
 * (folders only) a folder to be written into holds an image or label read (``--save-pred leftImg8bit/val/<city>``
   would otherwise replace ``<stem>.png`` images); a checkpoint's folder may receive outputs.
@@ -97,6 +97,8 @@ def _check_replaceable(flag: str, value: str, path: str) -> None:
                          "that file; remove the link or choose another output")
     if os.path.isdir(path):
         raise ValueError(f"{flag} {value}: {path} is a folder; choose another output")
+    if os.path.getsize(path) == 0:  # nothing to lose (e.g. what a failed write of an older version left)
+        return
     head = _head(path)
     if head.startswith(CHECKPOINT_SIGNATURES):
         raise ValueError(f"{flag} {value}: {path} is a checkpoint, never an output of this tool; choose another "
