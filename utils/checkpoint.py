@@ -160,14 +160,14 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
     except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
-        cause = _os_error_in(error)
+        cause = os_error_in(error)
         if cause is None:
             raise
         reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
         raise CheckpointError(f"checkpoint {path}: not written: {reason}") from error
 
 
-def _os_error_in(error: BaseException) -> Optional[OSError]:
+def os_error_in(error: BaseException) -> Optional[OSError]:
     """The ``OSError`` that ``error`` is or was raised from (torch's zip writer turns a failed ``write`` into a
     ``RuntimeError`` whose context is the ``OSError``), else None."""
     seen = set()

@@ -31,7 +31,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
-from utils.checkpoint import FolderLock, FolderLockedError
+from utils.checkpoint import FolderLock, FolderLockedError, os_error_in
 from utils.cli import RunFailure
 
 # The first bytes of each kind of file the tools write, by suffix (ONNX: a protobuf whose first field is the IR
@@ -197,8 +197,9 @@ def atomic_output(path: str) -> Iterator[str]:
     (parent folders created). The temporary file keeps ``path``'s suffix (encoders choose the format by it).
 
     Raises:
-        OutputError: an ``OSError`` while writing (``<path>: not written: no space left on device``), or one
-        raised by the body for a failed encoder; the temporary file is removed and ``path`` is left as it was.
+        OutputError: an ``OSError`` while writing (``<path>: not written: no space left on device``; also one that
+        a library's own error was raised from), or one raised by the body for a failed encoder; the temporary file
+        is removed and ``path`` is left as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
@@ -211,8 +212,11 @@ def atomic_output(path: str) -> Iterator[str]:
         yield temporary
         os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
-    except OSError as error:
-        raise OutputError(f"{path}: not written: {os_error_reason(error)}") from error
+    except Exception as error:  # an OSError, or a library's error raised from one (torch's and onnx's writers)
+        cause = os_error_in(error)
+        if cause is None:
+            raise
+        raise OutputError(f"{path}: not written: {os_error_reason(cause)}") from error
     finally:
         if temporary is not None and os.path.lexists(temporary):
             try:
