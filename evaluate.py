@@ -185,7 +185,7 @@ def run(args) -> None:
             check_save_pred(args.save_pred, dataset.entries, args.restore_from)
         elif labelled:  # result.json beside the snapshot replaces only an earlier result.json
             check_output_file(RESULT_NAME, beside_snapshot(args), [], suffixes=(".json",),
-                              checkpoints=[args.restore_from])
+                              checkpoints=[args.restore_from], writable=False)  # read-only: the current folder
         lock = _lock_save_pred(args, info.device)
         try:
             _evaluate_and_report(args, checkpoint, spec, dataset, info)

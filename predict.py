@@ -94,14 +94,14 @@ def run(args) -> None:
     written = [path for image in images for path in output_paths(args.output, image)]
     # before any work: outputs never replace inputs
     check_output_folder("--output", args.output, written, images, checkpoints=[args.restore_from])
-    lock = lock_output_folder("--output", args.output)  # also: a folder that cannot be written, before any work
+    checkpoint = load_snapshot(args)  # also resolves the dataset and its defaults
+    check_tile_size(args)
+    device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
+    model = inference_model(build_and_load(args, device, checkpoint=checkpoint), args, device)
+    palette = get_dataset(args.dataset).palette
+    tile_size = None if args.whole else args.input_size
+    lock = lock_output_folder("--output", args.output)
     try:
-        checkpoint = load_snapshot(args)  # also resolves the dataset and its defaults
-        check_tile_size(args)
-        device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
-        model = inference_model(build_and_load(args, device, checkpoint=checkpoint), args, device)
-        palette = get_dataset(args.dataset).palette
-        tile_size = None if args.whole else args.input_size
         for path in images:
             image = read_image_file(path)
             logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,

@@ -215,6 +215,24 @@ def test_a_read_only_output_folder_is_one_line(snapshot, data, tmp_path, monkeyp
     assert message == f"{save_pred / (Path(first.name).stem + '.png')}: not written: read-only file system"
 
 
+def test_a_read_only_output_folder_is_refused_before_any_work(snapshot, image, tmp_path, monkeypatch, failed_run):
+    """A read-only file system (mocked: os.access and statvfs say so for one folder) is found before the model."""
+    read_only = tmp_path / "mounted"
+    read_only.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False if os.path.abspath(path) == str(read_only)
+                        else real_access(path, mode))
+    monkeypatch.setattr(outputs.os, "statvfs", lambda path: type("Status", (), {"f_flag": os.ST_RDONLY})()
+                        if os.path.abspath(path) == str(read_only) else real_statvfs(path))
+    monkeypatch.setattr(predict, "load_snapshot", lambda *args: pytest.fail("the snapshot was read"))
+    monkeypatch.setattr(visualize_attention, "load_snapshot", lambda *args: pytest.fail("the snapshot was read"))
+    message = failed_run(predict.main, _predict_args(snapshot, read_only / "predictions", image))
+    assert message == f"--output {read_only / 'predictions'}: {read_only} cannot be written (read-only file system)"
+    message = failed_run(visualize_attention.main, _visualize_args(snapshot, read_only / "figure.png", image))
+    assert message == f"--output {read_only / 'figure.png'}: {read_only} cannot be written (read-only file system)"
+    assert os.listdir(read_only) == []
+
+
 def test_result_json_beside_a_read_only_snapshot_goes_to_the_current_folder(snapshot, data, tmp_path, monkeypatch,
                                                                             capsys):
     root, data_list = data

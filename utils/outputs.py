@@ -14,7 +14,9 @@ and the path at fault when
   PNG, a JPEG, JSON, ONNX): a tool replaces its own earlier outputs, never another file -- and never a checkpoint;
 * (files only) the name does not end with the tool's suffix (``export_onnx.py --output x.pth``);
 * (folders only) a folder to be written into holds an image or label read (``--save-pred leftImg8bit/val/<city>``
-  would otherwise replace ``<stem>.png`` images); a checkpoint's folder may receive outputs.
+  would otherwise replace ``<stem>.png`` images); a checkpoint's folder may receive outputs;
+
+and with :class:`OutputError` when the output's folder cannot be written (a read-only file system, no permission).
 
 :func:`atomic_output` is how every output file is written: a temporary file beside it, renamed over it when
 complete; any ``OSError`` (a full disk, a read-only folder) or an encoder that reports failure becomes an
@@ -140,6 +142,19 @@ def _check_written_paths(flag: str, value: str, written: Iterable[str], inputs: 
         _check_replaceable(flag, value, path)
 
 
+def _check_writable(flag: str, value: str, folder: str) -> None:
+    """Refuse (``OutputError``) an existing ``folder`` where nothing can be created: a read-only file system (also
+    for root), or no permission."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    reason = "read-only file system" if read_only else "no permission to write there"
+    raise OutputError(f"{flag} {value}: {folder} cannot be written ({reason})")
+
+
 def _check_not_empty(flag: str, value: str) -> None:
     if not value:
         raise ValueError(f"{flag} is empty: name a path")
@@ -149,7 +164,8 @@ def check_output_folder(flag: str, folder: str, written: Iterable[str], inputs: 
                         checkpoints: Sequence[str] = ()) -> None:
     """Before any work: refuse (``ValueError``, one line naming ``flag`` and the path) the output ``folder`` of a
     run that reads the files ``inputs`` and the checkpoint(s) ``checkpoints`` and will write the files ``written``
-    (in ``folder`` and its subfolders): see the module docstring."""
+    (in ``folder`` and its subfolders): see the module docstring. A folder (or the nearest existing one above) that
+    cannot be written (read-only, no permission) is an ``OutputError``."""
     _check_not_empty(flag, folder)
     blocking = _existing_ancestor(folder)
     target = _dangling_link(blocking)
@@ -159,15 +175,17 @@ def check_output_folder(flag: str, folder: str, written: Iterable[str], inputs: 
     if not os.path.isdir(blocking):
         where = "" if blocking == os.path.abspath(folder) else f" (under the file {blocking})"
         raise ValueError(f"{flag} {folder} is a file{where}, not a folder: name a folder for the outputs")
+    _check_writable(flag, folder, blocking)
     _check_written_paths(flag, folder, written, inputs, checkpoints, spare_input_folders=True)
 
 
 def check_output_file(flag: str, path: str, inputs: Iterable[str], suffixes: Sequence[str],
-                      checkpoints: Sequence[str] = ()) -> None:
+                      checkpoints: Sequence[str] = (), writable: bool = True) -> None:
     """Before any work: refuse (``ValueError``, one line naming ``flag`` and the path) the output file ``path`` of a
     run that reads the files ``inputs`` and the checkpoint(s) ``checkpoints``: its name does not end with one of
     ``suffixes`` (e.g. ``(".onnx",)``), it is a folder, lies under a file, is an input (links and hard links
-    resolved), or exists and is not of its suffix's kind."""
+    resolved), or exists and is not of its suffix's kind; with ``writable``, also (``OutputError``) when its folder
+    (or the nearest existing one above) cannot be written."""
     _check_not_empty(flag, path)
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a folder: name the file to write")
@@ -176,6 +194,8 @@ def check_output_file(flag: str, path: str, inputs: Iterable[str], suffixes: Seq
     blocking = _existing_ancestor(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(blocking):
         raise ValueError(f"{flag} {path} lies under the file {blocking}: name a file in a folder")
+    if writable:
+        _check_writable(flag, path, blocking)
     _check_written_paths(flag, path, [path], inputs, checkpoints, spare_input_folders=False)
 
 
