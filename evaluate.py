@@ -18,13 +18,18 @@ class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if gi
 ``--save-pred DIR`` writes ``DIR/<stem>.png`` (paletted: pixel = train id, in the dataset's colours) and
 ``DIR/labelIds/<stem>.png`` (single channel, full resolution, the values of the dataset's label files: Cityscapes
 label ids, the format of cityscapesScripts' evaluation and of the test server; ADE20K 1..150). Lists without
-labels (test.lst) are predicted, not scored.
+labels (test.lst) are predicted, not scored. ``DIR`` is locked while the run writes there (a second evaluation into
+it stops with one line). result.json names the snapshot it scores; when the snapshot's folder is read-only (and
+there is no ``--save-pred``), it goes to the current folder instead, and the run says so.
 
 Before the model is built: every listed file exists, is not empty and may be read (``dataset.segmentation.
 read_list``), and ``--save-pred`` is a folder whose outputs replace no listed file and that holds none
-(``utils.outputs``). Labels with values outside the dataset's table or without a valid pixel are counted (the
+(``utils.outputs``: neither by path nor as the same file under another name, nor the snapshot), and the tiles fit
+``--max-pixels``. Every file is written whole or not at all; a write that fails (a full disk) is one line naming
+the file. Labels with values outside the dataset's table or without a valid pixel are counted (the
 dataset's ``label_flags``, summed over the processes) and reported at the end, and in result.json.
 """
+import errno
 import os
 import sys
 import time
@@ -38,13 +43,16 @@ from dataset.predictions import save_label_png, save_paletted_png
 from dataset.registry import get_dataset, per_dataset
 from dataset.segmentation import IGNORE_LABEL, DataError
 from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
-                             inference_model, load_snapshot)
-from utils.checkpoint import CheckpointError
-from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main
-from utils.distributed import all_reduce_sum, apply_gpu_choice, barrier, is_main_process, process_group, shard
+                             check_tile_size, inference_model, load_snapshot)
+from utils.checkpoint import CHECKSUM_KEY, CheckpointError
+from utils.cli import ArgumentParser, parse_non_negative_int, parse_path, parse_positive_int, run_main
+from utils.distributed import (add_collective_timeout_argument, all_reduce_sum, apply_gpu_choice, barrier,
+                               is_main_process, process_group, shard)
 from utils.inference import predict_logits
 from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
-from utils.outputs import check_output_folder
+from utils.outputs import OutputError, check_output_file, check_output_folder, lock_output_folder
+
+RESULT_NAME = "result.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -61,7 +69,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         help="images per forward pass (same-size images)")
     parser.add_argument("--num-workers", type=parse_non_negative_int, default=2,
                         help="data loading processes per process")
-    parser.add_argument("--save-pred", default=None, metavar="DIR", help="write the predictions as PNGs to DIR")
+    parser.add_argument("--save-pred", type=parse_path, default=None, metavar="DIR",
+                        help="write the predictions as PNGs to DIR")
+    add_collective_timeout_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -83,10 +93,11 @@ def prediction_paths(save_pred: str, name: str) -> Tuple[str, str]:
     return os.path.join(save_pred, stem), os.path.join(save_pred, "labelIds", stem)
 
 
-def check_save_pred(save_pred: str, entries) -> None:
+def check_save_pred(save_pred: str, entries, restore_from: str) -> None:
     """Before any work: ``--save-pred`` must be a folder (or not exist yet) whose outputs (the predictions of
-    ``entries`` and result.json) replace no listed image or label, and that holds none (``utils.outputs``); no two
-    listed images may share a file name (the second prediction would replace the first)."""
+    ``entries`` and result.json) replace no listed image or label nor the snapshot ``restore_from``, and that holds
+    no image or label (``utils.outputs``); no two listed images may share a file name (the second prediction would
+    replace the first)."""
     first_by_output = {}
     for entry in entries:
         colour_png = prediction_paths(save_pred, entry.name)[0]
@@ -97,7 +108,36 @@ def check_save_pred(save_pred: str, entries) -> None:
                              "different file names")
     written = [path for entry in entries for path in prediction_paths(save_pred, entry.name)]
     inputs = [path for entry in entries for path in (entry.image_path, entry.label_path) if path is not None]
-    check_output_folder("--save-pred", save_pred, written + [os.path.join(save_pred, "result.json")], inputs)
+    check_output_folder("--save-pred", save_pred, written + [os.path.join(save_pred, RESULT_NAME)], inputs,
+                        checkpoints=[restore_from])
+
+
+def beside_snapshot(args) -> str:
+    """result.json's path without ``--save-pred``: in the snapshot's folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(args.restore_from)), RESULT_NAME)
+
+
+def write_result(args, scores, class_names, extra: dict) -> str:
+    """Write result.json (``--save-pred``'s, else beside the snapshot); returns its path. A snapshot folder that
+    cannot be written (read-only, no permission) puts it in the current folder instead, with a warning line."""
+    if args.save_pred:
+        path = os.path.join(args.save_pred, RESULT_NAME)
+        write_result_json(path, scores, class_names, extra)
+        return path
+    path = beside_snapshot(args)
+    try:
+        write_result_json(path, scores, class_names, extra)
+        return path
+    except OutputError as error:
+        cause = error.__cause__
+        if not isinstance(cause, OSError) or cause.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    fallback = os.path.abspath(RESULT_NAME)
+    check_output_file(RESULT_NAME, fallback, [], suffixes=(".json",), checkpoints=[args.restore_from])
+    print(f"warning: {os.path.dirname(path)} cannot be written (read-only): {RESULT_NAME} goes to the current "
+          f"folder instead", file=sys.stderr)
+    write_result_json(fallback, scores, class_names, extra)
+    return fallback
 
 
 def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, show_progress: bool = True):
@@ -113,7 +153,7 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     conf = None
     for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
         logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip,
-                                args.tile_batch, image_name=", ".join(names))
+                                args.tile_batch, image_name=", ".join(names), max_pixels=args.max_pixels)
         prediction = logits.argmax(dim=1)  # (N, H, W) train ids
         if labels is not None:
             batch_conf = confusion_matrix(prediction, labels.to(device), args.num_classes, IGNORE_LABEL)
@@ -121,7 +161,7 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
         if args.save_pred:
             for train_ids, name in zip(prediction.to(torch.uint8).cpu().numpy(), names):
                 colour_path, label_path = prediction_paths(args.save_pred, name)
-                save_paletted_png(colour_path, train_ids, spec.palette)
+                save_paletted_png(colour_path, train_ids, spec.palette)  # whole or not at all
                 save_label_png(label_path, spec.encode_label(train_ids))
     if conf is None and dataset.entries[0].label_path is not None:  # a labelled list, but an empty share
         conf = torch.zeros(args.num_classes, args.num_classes, dtype=torch.int64, device=device)
@@ -132,8 +172,9 @@ def run(args) -> None:
     """Evaluate as ``args`` (from :func:`parse_args`) say: print the scores, write result.json and predictions.
 
     Joins the process group that torchrun describes (if any) and leaves it at the end."""
-    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info:
+    with process_group(apply_gpu_choice(args.gpu), args.collective_timeout) as info:
         checkpoint = load_snapshot(args, verbose=is_main_process())  # also the dataset and its defaults
+        check_tile_size(args, args.batch_size)
         spec = get_dataset(args.dataset)
         dataset = spec.dataset(args.data_dir, args.data_list, training=False)
         labelled = dataset.entries[0].label_path is not None
@@ -141,40 +182,69 @@ def run(args) -> None:
             raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write "
                             "predictions")
         if args.save_pred:
-            check_save_pred(args.save_pred, dataset.entries)
-        model = inference_model(build_and_load(args, info.device, verbose=is_main_process(), checkpoint=checkpoint),
-                                args, info.device)
-        start = time.time()
-        conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
-        if conf is not None:
-            all_reduce_sum(conf)
-        label_flags = all_reduce_sum(dataset.label_flags.to(info.device, torch.int64))  # each process: its share
-        barrier()
-        if is_main_process():
-            mode = "whole image" if args.whole else f"sliding {args.input_size[0]}x{args.input_size[1]} tiles"
-            print(f"{len(dataset)} images from {args.data_list} in {time.time() - start:.1f} s on {info.world_size} "
-                  f"process(es): {mode}, scales {args.scales}, flip {args.flip}")
-            if args.save_pred:
-                print(f"predictions: {os.path.abspath(args.save_pred)} (colour) and "
-                      f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
-            label_problems = dataset.label_problems(label_flags.cpu())
-            for line in dataset.describe_label_problems(label_problems):
-                print(f"warning: {line}", file=sys.stderr)
-            if conf is not None:
-                scores = scores_from_confusion(conf)
-                class_names = (spec.class_names if args.num_classes == spec.num_classes
-                               else [str(k) for k in range(args.num_classes)])
-                print(format_scores_table(scores, class_names))
-                result_dir = args.save_pred or os.path.dirname(os.path.abspath(args.restore_from))
-                result_path = os.path.join(result_dir, "result.json")
-                write_result_json(result_path, scores, class_names, extra={
-                    "snapshot": os.path.abspath(args.restore_from), "data_list": args.data_list,
-                    "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
-                    "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence, "dataset": args.dataset,
-                    "amp": args.amp,
-                    "label_problems": {name: len(entries) for name, entries in label_problems.items()},
-                })
-                print(f"result: {result_path}")
+            check_save_pred(args.save_pred, dataset.entries, args.restore_from)
+        elif labelled:  # result.json beside the snapshot replaces only an earlier result.json
+            check_output_file(RESULT_NAME, beside_snapshot(args), [], suffixes=(".json",),
+                              checkpoints=[args.restore_from], writable=False)  # read-only: the current folder
+        lock = _lock_save_pred(args, info.device)
+        try:
+            _evaluate_and_report(args, checkpoint, spec, dataset, info)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _lock_save_pred(args, device: torch.device):
+    """Rank 0 locks ``--save-pred`` (``utils.outputs.lock_output_folder``) and every process learns whether that
+    worked (else the others would wait for rank 0 at the next collective operation); returns the lock or None."""
+    lock, error = None, None
+    if args.save_pred and is_main_process():
+        try:
+            lock = lock_output_folder("--save-pred", args.save_pred)
+        except (OutputError, ValueError) as caught:
+            error = caught
+    if all_reduce_sum(torch.tensor([float(error is not None)], device=device)).item():
+        raise error or DataError("--save-pred: stopped by the main process (rank 0): see its error line")
+    return lock
+
+
+def _evaluate_and_report(args, checkpoint: dict, spec, dataset, info) -> None:
+    """Build the model, evaluate ``dataset`` (each process its share); rank 0 prints the scores and writes
+    result.json."""
+    model = inference_model(build_and_load(args, info.device, verbose=is_main_process(), checkpoint=checkpoint),
+                            args, info.device)
+    start = time.time()
+    conf = evaluate(model, dataset, info.device, args, info.rank, info.world_size, is_main_process())
+    if conf is not None:
+        all_reduce_sum(conf)
+    label_flags = all_reduce_sum(dataset.label_flags.to(info.device, torch.int64))  # each process: its share
+    barrier()
+    if not is_main_process():
+        return
+    mode = "whole image" if args.whole else f"sliding {args.input_size[0]}x{args.input_size[1]} tiles"
+    print(f"{len(dataset)} images from {args.data_list} in {time.time() - start:.1f} s on {info.world_size} "
+          f"process(es): {mode}, scales {args.scales}, flip {args.flip}")
+    if args.save_pred:
+        print(f"predictions: {os.path.abspath(args.save_pred)} (colour) and "
+              f"{os.path.abspath(os.path.join(args.save_pred, 'labelIds'))} (label ids)")
+    label_problems = dataset.label_problems(label_flags.cpu())
+    for line in dataset.describe_label_problems(label_problems):
+        print(f"warning: {line}", file=sys.stderr)
+    if conf is None:
+        return
+    scores = scores_from_confusion(conf)
+    class_names = (spec.class_names if args.num_classes == spec.num_classes
+                   else [str(k) for k in range(args.num_classes)])
+    print(format_scores_table(scores, class_names))
+    result_path = write_result(args, scores, class_names, extra={
+        "snapshot": os.path.abspath(args.restore_from), "snapshot_checksum": checkpoint.get(CHECKSUM_KEY),
+        "data_list": args.data_list,
+        "num_images": len(dataset), "whole": args.whole, "input_size": list(args.input_size),
+        "scales": args.scales, "flip": args.flip, "recurrence": args.recurrence, "dataset": args.dataset,
+        "amp": args.amp,
+        "label_problems": {name: len(entries) for name, entries in label_problems.items()},
+    })
+    print(f"result: {result_path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

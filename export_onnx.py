@@ -29,18 +29,20 @@ from engine.onnx_export import (INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, com
                                 export_onnx)
 from engine.snapshot import add_model_arguments, build_and_load, load_snapshot
 from utils.checkpoint import CheckpointError
-from utils.cli import ArgumentParser, parse_size, run_main
-from utils.outputs import check_output_file
+from utils.cli import ArgumentParser, add_max_pixels_argument, check_pixels, parse_path, parse_size, run_main
+from utils.outputs import atomic_output, check_output_file
 
 RELATIVE_TOLERANCE = 1e-2  # of the largest |logit|: the check's limit for float32 on another runtime
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = ArgumentParser(__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--output", type=parse_path, required=True,
+                        help="the .onnx file to write (another kind of file is never replaced)")
     parser.add_argument("--input-size", type=parse_size, default=None, metavar="H,W",
                         help="size of the example input, and of any dimension that cannot stay dynamic; default: "
                              "the dataset's evaluation tile, " + per_dataset(lambda spec: spec.evaluation.input_size))
+    add_max_pixels_argument(parser)
     parser.add_argument("--skip-check", action="store_true", help="do not run the file with onnxruntime")
     add_model_arguments(parser, gpu=False)
     return parser.parse_args(argv)
@@ -56,8 +58,9 @@ def check_shapes(input_size, dynamic: dict) -> list:
 
 def run(args) -> None:
     """Export the snapshot ``args`` (from :func:`parse_args`) name; check the file unless told not to."""
-    check_output_file("--output", args.output, [args.restore_from])
+    check_output_file("--output", args.output, [], (".onnx",), checkpoints=[args.restore_from])
     checkpoint = load_snapshot(args)  # the model flags, the dataset, and the input size's default
+    check_pixels(f"--input-size {args.input_size[0]},{args.input_size[1]}", *args.input_size, args.max_pixels)
     model = build_and_load(args, torch.device("cpu"), checkpoint=checkpoint)
     spec = get_dataset(args.dataset)
     classes = spec.class_names if args.num_classes == spec.num_classes else [str(k) for k in range(args.num_classes)]
@@ -70,8 +73,8 @@ def run(args) -> None:
         OUTPUT_NAME: "(N, K, H, W) float32: the main head's logits, upsampled to the input size (corners aligned); "
                      "argmax over K gives the class",
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    dynamic = export_onnx(model, args.output, args.input_size, metadata)
+    with atomic_output(args.output) as temporary:  # written whole or not at all
+        dynamic = export_onnx(model, temporary, args.input_size, metadata)
     fixed = [name for name, is_dynamic in dynamic.items() if not is_dynamic]
     print(f"{args.output}: ONNX opset {OPSET}, {os.path.getsize(args.output) / 2 ** 20:.1f} MiB; "
           + ("batch, height and width dynamic" if not fixed else

@@ -12,6 +12,12 @@ JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<s
 Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles, ADE20K the
 whole image; ``--whole`` / ``--no-whole``, ``--scales``, ``--flip``; ``--channels-last``, ``--amp``); ``--dataset``
 and the model flags default to the snapshot's.
+
+Before the model is built: ``--output`` is a folder whose outputs replace no input image nor the snapshot (by path
+or as the same file under another name) nor any file that is not an earlier prediction, and that holds no input
+(``utils.outputs``); the tiles fit ``--max-pixels`` (each image's scales are checked before its forward pass).
+``--output`` is locked while the run writes there; every file is written whole or not at all, and a write that
+fails (a full disk) is one line naming the file.
 """
 import os
 import sys
@@ -22,14 +28,15 @@ import torch
 
 from dataset.predictions import overlay, save_paletted_png
 from dataset.registry import get_dataset
+from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
 from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
-                             inference_model)
+                             check_tile_size, inference_model, load_snapshot)
 from utils.checkpoint import CheckpointError
-from utils.cli import ArgumentParser, parse_fraction, run_main
+from utils.cli import ArgumentParser, parse_fraction, parse_path, path_problem, run_main
 from utils.distributed import apply_gpu_choice
 from utils.inference import predict_logits
-from utils.outputs import check_output_folder
+from utils.outputs import atomic_output, check_encoded, check_output_folder, lock_output_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -39,7 +46,11 @@ def find_images(inputs: Sequence[str]) -> List[str]:
     images = []
     for path in inputs:
         if os.path.isdir(path):
-            found = sorted(os.path.join(path, name) for name in os.listdir(path)
+            try:
+                names = os.listdir(path)
+            except OSError as error:  # a folder of mode 000
+                raise FileNotFoundError(f"cannot list the folder {path}: {error.strerror or error}") from None
+            found = sorted(os.path.join(path, name) for name in names
                            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
             if not found:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
@@ -47,7 +58,9 @@ def find_images(inputs: Sequence[str]) -> List[str]:
         elif os.path.isfile(path):
             images.append(path)
         else:
-            raise FileNotFoundError(f"no such image or folder: {path}")
+            problem = path_problem(path)
+            raise FileNotFoundError(f"no such image or folder: {path}" if problem == "no such file" else
+                                    f"cannot read the input {path}: {problem}")
     stems = {}
     for path in images:
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -60,7 +73,8 @@ def find_images(inputs: Sequence[str]) -> List[str]:
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    parser.add_argument("--output", default="predictions", help="folder for the predictions and overlays")
+    parser.add_argument("--output", type=parse_path, default="predictions",
+                        help="folder for the predictions and overlays")
     parser.add_argument("--alpha", type=parse_fraction, default=0.5, help="opacity of the colours in the overlays")
     add_model_arguments(parser)
     add_inference_arguments(parser)
@@ -78,29 +92,34 @@ def run(args) -> None:
     """Segment the images ``args`` (from :func:`parse_args`) name; write the predictions and overlays."""
     images = find_images(args.inputs)
     written = [path for image in images for path in output_paths(args.output, image)]
-    check_output_folder("--output", args.output, written, images)  # before any work: outputs never replace inputs
+    # before any work: outputs never replace inputs
+    check_output_folder("--output", args.output, written, images, checkpoints=[args.restore_from])
+    checkpoint = load_snapshot(args)  # also resolves the dataset and its defaults
+    check_tile_size(args)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
-    model = inference_model(build_and_load(args, device), args, device)  # also resolves the dataset and its defaults
+    model = inference_model(build_and_load(args, device, checkpoint=checkpoint), args, device)
     palette = get_dataset(args.dataset).palette
     tile_size = None if args.whole else args.input_size
-    os.makedirs(args.output, exist_ok=True)
-    for path in images:
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f"cannot read image {path}")
-        logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
-                                args.tile_batch, image_name=path)
-        train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-        prediction_path, overlay_path = output_paths(args.output, path)
-        save_paletted_png(prediction_path, train_ids, palette)
-        cv2.imwrite(overlay_path, overlay(image, train_ids, palette, args.alpha))
-        print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {prediction_path}, {overlay_path}")
+    lock = lock_output_folder("--output", args.output)
+    try:
+        for path in images:
+            image = read_image_file(path)
+            logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
+                                    args.tile_batch, image_name=path, max_pixels=args.max_pixels)
+            train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+            prediction_path, overlay_path = output_paths(args.output, path)
+            save_paletted_png(prediction_path, train_ids, palette)
+            with atomic_output(overlay_path) as temporary:
+                check_encoded(cv2.imwrite(temporary, overlay(image, train_ids, palette, args.alpha)))
+            print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {prediction_path}, {overlay_path}")
+    finally:
+        lock.release()
     print(f"{len(images)} image(s) segmented into {os.path.abspath(args.output)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 1 the run failed (one line on stderr), 2 bad command line."""
-    return run_main(argv, parse_args, run, (CheckpointError, FileNotFoundError, ValueError))
+    return run_main(argv, parse_args, run, (CheckpointError, DataError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

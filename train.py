@@ -33,13 +33,14 @@ from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import (CheckpointError, FolderLock, FolderLockedError, load_checkpoint, load_model_weights,
                               non_finite_tensors, remove_temporary_files, save_checkpoint)
-from utils.cli import (ArgumentParser, parse_auto_bool, parse_bool, parse_fraction, parse_non_negative_int,
-                       parse_positive_float, parse_positive_int, parse_size, run_main)
-from utils.distributed import (DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, is_main_process,
-                               process_group)
+from utils.cli import (ArgumentParser, add_max_pixels_argument, parse_auto_bool, parse_bool, parse_fraction,
+                       parse_non_negative_float, parse_non_negative_int, parse_path, parse_positive_float,
+                       parse_positive_int, parse_size, run_main)
+from utils.distributed import (DistInfo, add_collective_timeout_argument, add_gpu_argument, all_reduce_sum,
+                               apply_gpu_choice, is_main_process, process_group)
 from utils.logger import TrainingLogger
 from utils.loss import CriterionDSN
-from utils.rng import gather_rng_states, seed_all, set_rng_state
+from utils.rng import gather_rng_states, saved_rng_state, seed_all, set_rng_state
 from utils.schedule import poly_lr, set_lr
 
 SNAPSHOT_PATTERN = "CS_scenes_{}.pth"
@@ -73,6 +74,7 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--input-size", type=parse_size, default=None, metavar="H,W",
                       help="training crop size; smaller images are padded (image 0, label ignored); default: "
                            + per_dataset(lambda spec: spec.training.input_size))
+    add_max_pixels_argument(data)
     data.add_argument("--random-mirror", action="store_true", help="flip images horizontally with p = 0.5")
     data.add_argument("--random-scale", action="store_true",
                       help="rescale images by a random factor in {0.7, 0.8, ..., 2.1} before cropping")
@@ -105,11 +107,12 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--learning-rate", type=parse_positive_float, default=None,
                        help="base learning rate of the poly schedule; default: "
                             + per_dataset(lambda spec: spec.training.learning_rate))
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=float, default=None,
+    optim.add_argument("--momentum", type=parse_non_negative_float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=parse_non_negative_float, default=None,
                        help="SGD weight decay (on every parameter); default: "
                             + per_dataset(lambda spec: spec.training.weight_decay))
-    optim.add_argument("--power", type=float, default=0.9, help="poly schedule: lr = base * (1 - it/max) ** power")
+    optim.add_argument("--power", type=parse_non_negative_float, default=0.9,
+                       help="poly schedule: lr = base * (1 - it/max) ** power")
     optim.add_argument("--num-steps", type=parse_positive_int, default=None,
                        help="number of training iterations; default: "
                             + per_dataset(lambda spec: spec.training.num_steps))
@@ -121,7 +124,7 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
                        help="mixed precision: bf16 autocast (the fast recipe on GPUs with bfloat16 tensor cores; "
                             "fp32, the default, is the faithful one), or fp16 autocast with gradient scaling")
-    optim.add_argument("--random-seed", type=int, default=1234,
+    optim.add_argument("--random-seed", type=parse_non_negative_int, default=1234,
                        help="seed of the initialization, the data order and the augmentations")
 
     speed = parser.add_argument_group("speed (the same training, computed faster; see docs/training.md)")
@@ -134,7 +137,8 @@ def build_parser() -> ArgumentParser:
 
     run = parser.add_argument_group("run")
     add_gpu_argument(run)
-    run.add_argument("--snapshot-dir", default="snapshots/",
+    add_collective_timeout_argument(run)
+    run.add_argument("--snapshot-dir", type=parse_path, default="snapshots/",
                      help="where CS_scenes_<iter>.pth snapshots are written; locked while the run lasts. A run "
                           "without --resume refuses a folder that holds another run's snapshots or train_log.csv")
     run.add_argument("--overwrite-snapshots", action="store_true",
@@ -143,7 +147,7 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--save-pred-every", type=parse_positive_int, default=10000, help="write a snapshot every this many iterations")
     run.add_argument("--resume", default=None, metavar="SNAPSHOT",
                      help="continue exactly from one of our snapshots (weights, optimizer, iteration, RNG states)")
-    run.add_argument("--log-dir", default=None,
+    run.add_argument("--log-dir", type=parse_path, default=None,
                      help="TensorBoard events and train_log.csv (default: <snapshot-dir>/logs)")
     return parser
 
@@ -152,6 +156,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     fill_unset(args, get_dataset(args.dataset).training_args())
+    parser.check_pixels(f"--input-size {args.input_size[0]},{args.input_size[1]}", args.input_size, args.max_pixels)
     if 0 <= args.ignore_label < args.num_classes:
         parser.error(f"--ignore-label {args.ignore_label} is a class id (0..{args.num_classes - 1}): pick a value "
                      "outside, e.g. 255 or -1")
@@ -330,10 +335,10 @@ def _snapshot_dir_claimed(args, device: torch.device):
 
 
 def _save_snapshot(state: dict, path: str, last_snapshot: str | None) -> None:
-    """Write ``state`` to ``path`` if its weights, buffers and optimizer tensors are all finite; otherwise, or if
+    """Write ``state`` to ``path`` if all its tensors (weights, buffers, optimizer, scaler) are finite; otherwise, or if
     the file system refuses the write, a :class:`TrainingError` that names the last snapshot written."""
     last = f"Last good snapshot: {last_snapshot or 'none written yet'}"
-    non_finite = non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+    non_finite = non_finite_tensors(state)  # every tensor the loaders check: the model, optimizer, scaler
     if non_finite:
         raise TrainingError(f"iteration {state['iteration']}: {len(non_finite)} tensor(s) hold NaN or infinite values "
                             f"(first: {non_finite[0]}); {path} not written, training stopped. {last}")
@@ -368,7 +373,8 @@ def train(args) -> torch.nn.Module:
     if args.resume is None and args.restore_from and not os.path.isfile(args.restore_from):
         raise TrainingError(f"--restore-from {args.restore_from}: no such file (ImageNet weights: see the README's "
                             "Weights for resnet101-imagenet.pth); pass --restore-from '' to train from scratch")
-    with process_group(use_cuda=apply_gpu_choice(args.gpu)) as info, _snapshot_dir_claimed(args, info.device):
+    with process_group(apply_gpu_choice(args.gpu), args.collective_timeout) as info, \
+            _snapshot_dir_claimed(args, info.device):
         return _train(args, info)
 
 
@@ -407,8 +413,9 @@ def _train(args, info: DistInfo) -> torch.nn.Module:
         start_iteration = int(checkpoint["iteration"])
         _check_resumed_args(checkpoint.get("args", {}), args, log)
         rng = checkpoint["rng"]
-        if rng["world_size"] == world_size:
-            set_rng_state(rng["ranks"][rank], device)
+        rng_state = saved_rng_state(rng, rank, world_size, f"--resume {args.resume}")
+        if rng_state is not None:
+            set_rng_state(rng_state, device, f"--resume {args.resume}")
         else:
             log(f"warning: the snapshot was written by {rng['world_size']} processes, this run has {world_size}: "
                 "the data order and the random draws differ from an uninterrupted run")

@@ -27,14 +27,20 @@ import torch
 from cc_attention.reference import ca_map_reference, ca_weight_reference
 from dataset.predictions import overlay
 from dataset.registry import get_dataset
+from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
 from engine.snapshot import add_model_arguments, add_speed_arguments, build_and_load, inference_model, load_snapshot
 from utils.checkpoint import CheckpointError
-from utils.cli import ArgumentParser, parse_point, parse_positive_float, run_main
+from utils.cli import ArgumentParser, add_max_pixels_argument, parse_path, parse_point, parse_positive_float, run_main
 from utils.distributed import apply_gpu_choice
 from utils.inference import check_scales
 from utils.logits import upsample_logits
-from utils.outputs import check_output_file
+from utils.outputs import atomic_output, check_encoded, check_output_file
+
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# --max-pixels: each loop's attention holds (h + w - 1) * h * w weights at 1/8 of the image's size, so the image
+# is held to 16 M pixels (4096 x 4096: 1 GiB of attention per loop), less than a plain forward pass
+MAX_PIXELS = 2 ** 24
 
 
 def capture_attention(model, images: torch.Tensor, runner=None) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -124,7 +130,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         help="'y,x' pixel of the image (after --scale); repeat for several rows")
     parser.add_argument("--scale", type=parse_positive_float, default=1.0,
                         help="resize the image first (e.g. 0.5 on a CPU)")
-    parser.add_argument("--output", default=None, help="PNG to write (default: beside the image, <stem>_attention.png)")
+    parser.add_argument("--output", type=parse_path, default=None,
+                        help="PNG (or JPEG) to write (default: beside the image, <stem>_attention.png)")
+    add_max_pixels_argument(parser, default=MAX_PIXELS)
     add_model_arguments(parser)
     add_speed_arguments(parser)
     return parser.parse_args(argv)
@@ -142,11 +150,9 @@ def check_model_args(args) -> None:
 def run(args) -> None:
     """Draw the attention figure ``args`` (from :func:`parse_args`) describe."""
     output = args.output or os.path.splitext(args.image)[0] + "_attention.png"
-    check_output_file("--output", output, [args.image])
-    image = cv2.imread(args.image, cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"cannot read image {args.image}")
-    check_scales(image.shape[:2], [args.scale], args.image, flag="--scale")
+    check_output_file("--output", output, [args.image], FIGURE_SUFFIXES, checkpoints=[args.restore_from])
+    image = read_image_file(args.image)
+    check_scales(image.shape[:2], [args.scale], args.image, flag="--scale", max_pixels=args.max_pixels)
     if args.scale != 1.0:
         image = cv2.resize(image, None, fx=args.scale, fy=args.scale, interpolation=cv2.INTER_LINEAR)
     height, width = image.shape[:2]
@@ -164,14 +170,14 @@ def run(args) -> None:
     for point in args.point:
         maps = context_maps(attentions, feature_point(point, (height, width), logits.shape[-2:]))
         rows.append(render(image, train_ids, get_dataset(args.dataset).palette, point, maps))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    cv2.imwrite(output, np.concatenate(rows, axis=0))
+    with atomic_output(output) as temporary:
+        check_encoded(cv2.imwrite(temporary, np.concatenate(rows, axis=0)))
     print(f"attention of {len(args.point)} point(s) after R = 1..{len(attentions)} loops: {output}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 1 the run failed (one line on stderr), 2 bad command line."""
-    return run_main(argv, parse_args, run, (CheckpointError, FileNotFoundError, ValueError))
+    return run_main(argv, parse_args, run, (CheckpointError, DataError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

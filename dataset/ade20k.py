@@ -71,7 +71,7 @@ def annotation_to_train_ids(annotation: np.ndarray) -> np.ndarray:
     if annotation.size and (annotation.min() < 0 or annotation.max() > NUM_CLASSES):
         bad = annotation[(annotation < 0) | (annotation > NUM_CLASSES)]
         raise ValueError(f"holds the value {int(bad.flat[0])} ({bad.size} pixels); ADE20K annotations hold 0 "
-                         f"(void) and 1..{NUM_CLASSES}")
+                         f"(void) and 1..{NUM_CLASSES}: another dataset's labels? (check --dataset)")
     return _ANNOTATION_TO_TRAIN_ID[annotation.astype(np.uint8, copy=False)]
 
 

@@ -1,10 +1,10 @@
 """Predictions (train ids) as files and pictures, in a dataset's colours (``DatasetSpec.palette``): paletted PNGs,
 label PNGs in the dataset's own format (``DatasetSpec.encode_label``: Cityscapes label ids for cityscapesScripts
 and the test server, ADE20K's 1..150) and colour overlays."""
-import os
-
 import numpy as np
 from PIL import Image
+
+from utils.outputs import atomic_output
 
 
 def _palette_lookup(palette: np.ndarray) -> np.ndarray:
@@ -26,14 +26,16 @@ def overlay(image_bgr: np.ndarray, train_ids: np.ndarray, palette: np.ndarray, a
 
 
 def save_paletted_png(path: str, train_ids: np.ndarray, palette: np.ndarray) -> None:
-    """Write ``(H, W)`` train ids as a paletted PNG: pixel index = train id, palette = the ``(K, 3)`` colours."""
+    """Write ``(H, W)`` train ids as a paletted PNG: pixel index = train id, palette = the ``(K, 3)`` colours.
+    Written whole or not at all (``utils.outputs.atomic_output``: a failure is an ``OutputError`` naming ``path``)."""
     image = Image.fromarray(np.asarray(train_ids, dtype=np.uint8))
     image.putpalette(_palette_lookup(palette).tobytes())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image.save(path)
+    with atomic_output(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 def save_label_png(path: str, labels: np.ndarray) -> None:
-    """Write ``(H, W)`` label values (e.g. ``DatasetSpec.encode_label(train_ids)``) as a single-channel uint8 PNG."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.asarray(labels, dtype=np.uint8)).save(path)
+    """Write ``(H, W)`` label values (e.g. ``DatasetSpec.encode_label(train_ids)``) as a single-channel uint8 PNG
+    (whole or not at all, as :func:`save_paletted_png`)."""
+    with atomic_output(path) as temporary:
+        Image.fromarray(np.asarray(labels, dtype=np.uint8)).save(temporary, format="PNG")

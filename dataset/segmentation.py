@@ -16,9 +16,10 @@ where a resumed run starts. Call ``set_epoch`` before each epoch (before the Dat
 """
 import glob
 import os
+import re
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.transforms import image_to_tensor, preprocess_chw
+from utils.cli import path_problem
 
 IGNORE_LABEL = 255  # train id of the void pixels in decoded labels, and of the padding of training crops
 MIN_SCALE = 0.7  # > 0.5: cv2.resize rounds a side to the nearest pixel, so even a 1x1 image keeps 1 pixel a side
@@ -92,7 +94,9 @@ def read_list(data_dir: str, list_path: str, check_files: bool = True) -> list[L
                         hint = ""
                         if label_path is None and len(fields[0].split()) == 2:
                             hint = " (image and label must be separated by a tab, not spaces)"
-                        raise DataError(f"{where}: file not found: {path}{hint}")
+                        problem = path_problem(path)
+                        problem = "file not found" if problem == "no such file" else problem
+                        raise DataError(f"{where}: {problem}: {path}{hint}")
                     if path is not None and os.path.getsize(path) == 0:
                         raise DataError(f"{where}: empty file: {path}")
                     if path is not None and not os.access(path, os.R_OK):
@@ -122,11 +126,57 @@ def find_list_lines(root: str, image_pattern: str, label_of: Optional[Callable[[
     return lines
 
 
-def _read_image(entry: ListEntry, where: str) -> np.ndarray:
-    image = cv2.imread(entry.image_path, cv2.IMREAD_COLOR)
+def _decode(path: str, flags: int) -> Tuple[Optional[np.ndarray], str]:
+    """``cv2.imread(path, flags)`` and what its decoder printed meanwhile: libjpeg reports a truncated or corrupt
+    JPEG only as a warning on the process's stderr ("Premature end of JPEG file") and returns the image with its
+    missing part grey. The stderr file descriptor is a pipe for the call (a data-loading process reads one image at
+    a time); its writing end does not block, so a decoder that says more than the pipe holds loses the rest (the
+    first words are the cause)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    reading, writing = os.pipe()
+    try:
+        os.set_blocking(writing, False)
+        os.dup2(writing, 2)
+        try:
+            image = cv2.imread(path, flags)
+        finally:
+            os.dup2(saved, 2)
+            os.close(writing)
+        os.set_blocking(reading, False)
+        try:
+            said = os.read(reading, 4096)
+        except BlockingIOError:
+            said = b""
+    finally:
+        os.close(reading)
+        os.close(saved)
+    return image, said.decode(errors="replace").strip()
+
+
+# libpng's warnings about an ancillary chunk (its type starts with a lowercase letter: iCCP, sRGB, tEXt, ...): a
+# colour profile or text that libpng drops, the pixels being read as stored; every other warning is damage.
+_METADATA_WARNING = re.compile(r"^libpng warning: [a-z][A-Za-z]{3}: ")
+
+
+def read_image_file(path: str, flags: int = cv2.IMREAD_COLOR, what: str = "image", where: str = "") -> np.ndarray:
+    """The pixels of the image or label file ``path`` (``what``: "image" or "label"; ``where``: the list line, or
+    empty); a file the decoder cannot read, or reads with a warning (a truncated JPEG), raises ``DataError`` naming
+    ``where`` and the file. libpng's warnings about a PNG's metadata (a broken colour profile) are not damage: the
+    pixels are read as stored."""
+    where = f"{where}: " if where else ""
+    image, said = _decode(path, flags)
+    damage = [line for line in said.splitlines() if line.strip() and not _METADATA_WARNING.match(line)]
+    if damage:
+        raise DataError(f"{where}{what} {path} is damaged: the decoder says {' / '.join(damage)!r}")
     if image is None:
-        raise DataError(f"{where}: cannot read image {entry.image_path}")
+        problem = path_problem(path) if not os.access(path, os.R_OK) else "not a readable image file"
+        raise DataError(f"{where}cannot read {what} {path} ({problem})")
     return image
+
+
+def _read_image(entry: ListEntry, where: str) -> np.ndarray:
+    return read_image_file(entry.image_path, cv2.IMREAD_COLOR, "image", where)
 
 
 def _check_label_format(path: str, where: str, channels: int, pixel_type: str) -> None:
@@ -158,9 +208,7 @@ def _read_label(entry: ListEntry, image_shape: tuple, where: str) -> np.ndarray:
     """The label file's pixels as stored, ``(H, W)`` uint8; a colour (or paletted, or grey + alpha) image, a 16-bit
     one, or one of another size than its image raises ``DataError``. (Read unchanged: ``IMREAD_GRAYSCALE`` would
     turn a colour image into plausible-looking grey values without a word.)"""
-    label = cv2.imread(entry.label_path, cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise DataError(f"{where}: cannot read label {entry.label_path}")
+    label = read_image_file(entry.label_path, cv2.IMREAD_UNCHANGED, "label", where)
     _check_label_format(entry.label_path, where, 1 if label.ndim == 2 else label.shape[2], str(label.dtype))
     if label.shape != image_shape[:2]:
         raise DataError(f"{where}: label {entry.label_path} is {label.shape[0]}x{label.shape[1]} but its image "

@@ -20,7 +20,8 @@ from dataset.spec import fill_unset
 from engine.train_step import AMP_DTYPES, use_channels_last
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.cli import parse_auto_bool, parse_non_negative_int, parse_positive_int, parse_scales, parse_size
+from utils.cli import (add_max_pixels_argument, check_pixels, parse_auto_bool, parse_non_negative_int, parse_path,
+                       parse_positive_int, parse_scales, parse_size)
 from utils.distributed import add_gpu_argument
 
 # The model flags' values when neither the command line nor the snapshot's saved ``args`` give them (None: the
@@ -31,7 +32,7 @@ MODEL_DEFAULTS = {"dataset": DEFAULT_DATASET, "model": "ccnet", "backbone": "res
 
 def add_model_arguments(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
     """``--restore-from --dataset --model --backbone --recurrence --num-classes`` and ``--gpu`` (if ``gpu``)."""
-    parser.add_argument("--restore-from", required=True, help="snapshot: ours (train.py) or an original release")
+    parser.add_argument("--restore-from", type=parse_path, required=True, help="snapshot: ours (train.py) or an original release")
     from_snapshot = "default: the snapshot's (train.py saves its args), else {}"
     parser.add_argument("--dataset", default=None, choices=DATASET_NAMES,
                         help="what the model was trained on (its classes, colours and evaluation defaults); "
@@ -49,8 +50,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, gpu: bool = True) -> No
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--input-size --whole/--no-whole --scales --flip --tile-batch`` (see ``utils.inference.predict_logits``);
-    the first two default to the dataset's (filled in by :func:`load_snapshot`)."""
+    """``--input-size --whole/--no-whole --scales --flip --tile-batch --max-pixels`` (see
+    ``utils.inference.predict_logits``); the first two default to the dataset's (filled in by
+    :func:`load_snapshot`)."""
     tiles = per_dataset(lambda spec: spec.evaluation.input_size)
     parser.add_argument("--input-size", type=parse_size, default=None,
                         help=f"sliding-window tile 'H,W'; default: the dataset's, {tiles}")
@@ -64,6 +66,16 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-batch", type=parse_positive_int, default=1,
                         help="sliding window: tiles per forward pass (the same logits; faster on a GPU, more memory: "
                              "8 takes a 1024x2048 image's 8 tiles at once)")
+    add_max_pixels_argument(parser)
+
+
+def check_tile_size(args, images_per_pass: int = 1) -> None:
+    """Sliding-window inference: ``--input-size`` tiles, ``--tile-batch`` of each of ``images_per_pass`` images per
+    forward pass, within ``--max-pixels`` (``ValueError`` otherwise, before the model is built)."""
+    if not args.whole:
+        height, width = args.input_size
+        check_pixels(f"--input-size {height},{width}", height, width, args.max_pixels,
+                     args.tile_batch * images_per_pass)
 
 
 def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:

@@ -85,7 +85,8 @@ def test_wrong_layout_and_bad_labels_are_one_line_naming_the_file(demo, demo_dat
     with pytest.raises(DataError) as error:
         ADE20K.dataset(demo.root, str(bad_list), training=False)[0]
     assert str(error.value) == f"{bad_list} line 1: label {tmp_path / 'bad.png'} holds the value 200 " \
-                               f"({2 * WIDTH} pixels); ADE20K annotations hold 0 (void) and 1..150"
+                               f"({2 * WIDTH} pixels); ADE20K annotations hold 0 (void) and 1..150: another " \
+                               "dataset's labels? (check --dataset)"
     message = failed_run(train.main, ["--dataset", "ade20k", "--data-dir", demo.root, "--data-list", str(bad_list),
                                       "--backbone", "tiny", "--gpu", "cpu", "--input-size", "32", "--batch-size", "1",
                                       "--num-steps", "1", "--num-workers", "0", "--restore-from", "",

@@ -171,6 +171,7 @@ def test_original_release_format_gives_the_same_scores(demo, tmp_path):
     ours = json.loads((tmp_path / "ours" / "result.json").read_text())
     theirs = json.loads((tmp_path / "original" / "result.json").read_text())
     assert ours.pop("snapshot") != theirs.pop("snapshot")
+    assert ours.pop("snapshot_checksum").startswith("blake2b:") and theirs.pop("snapshot_checksum") is None
     assert ours == theirs
 
 

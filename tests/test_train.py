@@ -7,7 +7,7 @@ import torch
 
 import train
 from engine.train_step import load_optimizer_state, make_sgd, use_channels_last
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import CHECKSUM_KEY, load_checkpoint
 from utils.cli import EXIT_USAGE
 from utils.distributed import apply_gpu_choice
 
@@ -50,7 +50,7 @@ def test_resume_continues_exactly(training_demo, tmp_path):
 def test_snapshot_holds_everything_and_loads_weights_only(training_demo, tmp_path):
     assert run(training_demo, tmp_path, "--save-pred-every", "100", steps=1) == 0
     snapshot = load_checkpoint(tmp_path / "CS_scenes_1.pth")  # torch.load(weights_only=True)
-    assert set(snapshot) == {"model", "optimizer", "iteration", "rng", "scaler", "args"}
+    assert set(snapshot) == {"model", "optimizer", "iteration", "rng", "scaler", "args", CHECKSUM_KEY}
     assert not any(key.startswith("module.") for key in snapshot["model"])
     assert snapshot["iteration"] == 1 and snapshot["args"]["backbone"] == "tiny"
     assert snapshot["rng"]["world_size"] == 1 and set(snapshot["rng"]["ranks"][0]) == {"torch", "cuda", "numpy",

@@ -82,8 +82,8 @@ def test_evaluate_refuses_a_checkpoint_with_infinite_weights(training_demo, one_
     error = failed_run(evaluate.main, ["--data-dir", training_demo.root, "--data-list", training_demo.val_list,
                                        "--restore-from",
                                        str(bad), "--gpu", "cpu", "--whole", "--num-workers", "0"])
-    assert error == (f"checkpoint {bad}: 1 tensor(s) hold NaN or infinite values (layer1.0.bn1.running_var): the "
-                     "weights of a diverged run, unusable")
+    assert error == (f"checkpoint {bad}: 1 tensor(s) hold NaN or infinite values (model.layer1.0.bn1.running_var): "
+                     "the weights of a diverged run, unusable")
 
 
 # ------------------------------------------------------------------------------------------- a full disk

@@ -15,11 +15,19 @@ recognized by the absence of every head key (``head.*``, ``dsn.*`` for CCNet) an
 with ``strict=True``); a shape mismatch is always an error, naming the number of classes when a classifier's is; a
 checkpoint holding a NaN or an infinity is refused (:func:`non_finite_tensors`).
 
+:func:`load_checkpoint`, the one reader of checkpoint files (every tool, ``--resume`` and ``--restore-from``), checks
+the WHOLE file, not only the weights (:func:`check_checkpoint_tensors`): every floating tensor (weights, buffers,
+optimizer state, gradient scaler) finite, no BatchNorm ``running_var`` below zero, no sparse tensor. Our snapshots
+carry a checksum of all their tensors (:data:`CHECKSUM_KEY`, written by :func:`save_checkpoint`), which it verifies:
+flipped bytes in a weight are refused. The original releases, ImageNet weights and snapshots written before
+checksums existed have none: they load, and the load summary says that their bytes could not be verified.
+
 A training run's folder: :class:`FolderLock` (one run at a time) and :func:`remove_temporary_files` (what an
 interrupted :func:`save_checkpoint` left).
 """
 import errno
 import fcntl
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +37,8 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from utils.cli import path_problem
+
 DDP_PREFIX = "module."
 OPTIONAL_SUFFIX = "num_batches_tracked"  # absent from old checkpoints; batch counters, not weights
 
@@ -36,6 +46,9 @@ PathLike = Union[str, os.PathLike]
 
 
 TEMPORARY_SUFFIX = ".tmp"  # save_checkpoint writes ``.<name>.<random>.tmp`` next to ``<name>`` first
+
+
+CHECKSUM_KEY = "tensor_checksum"  # in our snapshots: "blake2b:<hex>" of every tensor (tensor_checksum)
 
 
 class CheckpointError(RuntimeError):
@@ -66,8 +79,66 @@ def non_finite_tensors(state: Mapping, prefix: str = "") -> List[str]:
     return found
 
 
+def _tensors(value, prefix: str = ""):
+    """``(dotted name, tensor)`` of every tensor in a nesting of dicts, lists and tuples, in a fixed order (dict keys
+    sorted by their text)."""
+    if isinstance(value, torch.Tensor):
+        yield prefix.rstrip("."), value
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            yield from _tensors(value[key], f"{prefix}{key}.")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{prefix}{index}.")
+
+
+def tensor_checksum(state: Mapping) -> str:
+    """``"blake2b:<hex>"`` of every tensor of ``state`` (its name, dtype, shape and bytes; the entry
+    :data:`CHECKSUM_KEY` itself left out): what :func:`save_checkpoint` stores and :func:`load_checkpoint`
+    verifies. About 1 s per GB on one CPU core."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in _tensors({key: value for key, value in state.items() if key != CHECKSUM_KEY}):
+        tensor = tensor.detach().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.layout == torch.strided and tensor.numel():
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"blake2b:{digest.hexdigest()}"
+
+
+def check_checkpoint_tensors(checkpoint: Mapping, name: str) -> None:
+    """Raise :class:`CheckpointError` (one line naming ``name`` and the first tensors at fault) when a tensor of
+    ``checkpoint`` (any nesting: the model, the optimizer's state, the scaler's) is sparse, holds a NaN or an
+    infinity, or is a BatchNorm ``running_var`` with a negative value."""
+    sparse = [key for key, tensor in _tensors(checkpoint) if tensor.layout != torch.strided]
+    if sparse:
+        raise CheckpointError(f"checkpoint {name}: {len(sparse)} sparse tensor(s) ({_examples(sparse, 3)}): a "
+                              "snapshot holds dense tensors only")
+    non_finite = non_finite_tensors(checkpoint)
+    if non_finite:
+        raise CheckpointError(f"checkpoint {name}: {len(non_finite)} tensor(s) hold NaN or infinite values "
+                              f"({_examples(non_finite, 3)}): the weights of a diverged run, unusable")
+    negative = [key for key, tensor in _tensors(checkpoint) if key.endswith("running_var")
+                and tensor.is_floating_point() and bool((tensor < 0).any())]
+    if negative:
+        raise CheckpointError(f"checkpoint {name}: {len(negative)} BatchNorm variance(s) below zero "
+                              f"({_examples(negative, 3)}): damaged or edited, unusable")
+
+
+def verify_checksum(checkpoint: Mapping, name: str) -> bool:
+    """Whether ``checkpoint`` carries a :data:`CHECKSUM_KEY` (False: a released checkpoint or an older snapshot);
+    raises :class:`CheckpointError` when its tensors do not match it."""
+    stored = checkpoint.get(CHECKSUM_KEY)
+    if stored is None:
+        return False
+    if stored != tensor_checksum(checkpoint):
+        raise CheckpointError(f"checkpoint {name}: its tensors do not match the checksum written with them: the file "
+                              "was damaged or altered after it was saved")
+    return True
+
+
 def save_checkpoint(state: dict, path: PathLike) -> None:
-    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder, then ``os.replace``.
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder, then ``os.replace``;
+    with :data:`CHECKSUM_KEY` added (:func:`tensor_checksum`), which :func:`load_checkpoint` verifies.
 
     A crash mid-write leaves the previous file (if any) intact. Parent folders are created.
 
@@ -78,6 +149,7 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    state = {**state, CHECKSUM_KEY: tensor_checksum(state)}
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
@@ -88,14 +160,14 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
     except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
-        cause = _os_error_in(error)
+        cause = os_error_in(error)
         if cause is None:
             raise
         reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
         raise CheckpointError(f"checkpoint {path}: not written: {reason}") from error
 
 
-def _os_error_in(error: BaseException) -> Optional[OSError]:
+def os_error_in(error: BaseException) -> Optional[OSError]:
     """The ``OSError`` that ``error`` is or was raised from (torch's zip writer turns a failed ``write`` into a
     ``RuntimeError`` whose context is the ``OSError``), else None."""
     seen = set()
@@ -165,12 +237,16 @@ def _default_file_mode() -> int:
 
 
 def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)``; a missing or unreadable file raises a one-line error naming it."""
+    """``torch.load(path, weights_only=True)``, then the whole checkpoint checked (:func:`check_checkpoint_tensors`)
+    and its checksum verified if it has one (:func:`verify_checksum`). A missing, unreadable, damaged or poisoned
+    file raises a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
+        raise FileNotFoundError(f"checkpoint {path}: {path_problem(str(path))}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as error:  # no permission, an I/O error: the file is not at fault
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({error.strerror or error})") from error
     except Exception as error:  # the chained exception keeps torch's detailed message
         raise CheckpointError(
             f"checkpoint {path}: torch.load(weights_only=True) failed ({type(error).__name__}): corrupt, "
@@ -178,6 +254,8 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
         ) from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(checkpoint).__name__}")
+    check_checkpoint_tensors(checkpoint, str(path))
+    verify_checksum(checkpoint, str(path))
     return checkpoint
 
 
@@ -188,6 +266,7 @@ class LoadReport:
 
     source: str
     backbone_only: bool
+    checksum: bool = False  # the checkpoint carried a tensor checksum (verified when its file was read)
     loaded: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
@@ -205,6 +284,9 @@ class LoadReport:
             text += f"; MISSING {len(self.missing)} ({_examples(self.missing)})"
         if self.unexpected:
             text += f"; UNEXPECTED {len(self.unexpected)} ({_examples(self.unexpected)})"
+        text += ("; tensor checksum verified" if self.checksum else
+                 "; no tensor checksum (a released checkpoint, or a snapshot older than checksums): its bytes are "
+                 "not verified")
         return text
 
 
@@ -216,6 +298,7 @@ def _examples(keys: List[str], limit: int = 4) -> str:
 def _state_dict_of(checkpoint: dict, source: str) -> Dict[str, torch.Tensor]:
     """The tensors of a snapshot (``checkpoint["model"]``) or of a raw state dict, without ``module.``."""
     state = checkpoint["model"] if isinstance(checkpoint.get("model"), dict) else checkpoint
+    state = {key: value for key, value in state.items() if key != CHECKSUM_KEY}
     not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(
@@ -262,13 +345,10 @@ def load_model_weights(
     else:
         name, checkpoint = name or str(source), load_checkpoint(source)
     state = _state_dict_of(checkpoint, name)
-    non_finite = non_finite_tensors(state)
-    if non_finite:
-        raise CheckpointError(f"checkpoint {name}: {len(non_finite)} tensor(s) hold NaN or infinite values "
-                              f"({_examples(non_finite, 3)}): the weights of a diverged run, unusable")
+    check_checkpoint_tensors(state, name)
     if backbone_only is None:
         backbone_only = not any(key.startswith(model_keys.head_prefixes) for key in state)
-    report = LoadReport(source=name, backbone_only=backbone_only)
+    report = LoadReport(source=name, backbone_only=backbone_only, checksum=CHECKSUM_KEY in checkpoint)
 
     targets = model.state_dict()
     if backbone_only:

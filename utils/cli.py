@@ -7,6 +7,7 @@ dataset.generate_demo`` and ``dataset.make_lists``, ``python -m benchmarks.<name
 * ``0`` (:data:`EXIT_OK`): done;
 * ``1`` (:data:`EXIT_FAILURE`): the run failed (bad data, a checkpoint that does not fit the model, a non-finite
   loss, ...): one line ``<script>: error: <message>`` on stderr (:func:`report_failure`);
+  every script also reports a :class:`RunFailure` so (an output that cannot be written, a lost peer process);
 * ``2`` (:data:`EXIT_USAGE`): a bad command line (argparse's own code): one line
   ``<script>: error: <message> (see --help)`` on stderr (:class:`ArgumentParser`).
 
@@ -16,6 +17,7 @@ The ``parse_*`` functions and :func:`csv_choices` are argparse ``type=`` callabl
 ``argparse.ArgumentTypeError`` with a message that shows what was expected.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -24,6 +26,14 @@ from typing import Callable, List, Optional, Sequence, Tuple, Type
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# The default of --max-pixels: the pixels one forward pass may take (image or tile x batch, after scaling): 16
+# Cityscapes images (1024 x 2048). The activations of a ResNet-101 grow linearly with them.
+DEFAULT_MAX_PIXELS = 2 ** 25
+
+
+class RunFailure(RuntimeError):
+    """An error that ends any script's run with one line (:func:`run_main` reports it whatever the script's
+    ``failures``): its message names the file, flag or process at fault."""
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -45,6 +55,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
+    def check_pixels(self, what: str, size: Sequence[int], max_pixels: int, batch: int = 1) -> None:
+        """:func:`check_pixels` of a parsed size flag, a bad command line (exit :data:`EXIT_USAGE`) if it fails."""
+        try:
+            check_pixels(what, size[0], size[1], max_pixels, batch)
+        except ValueError as error:
+            self.error(str(error))
+
 
 def report_failure(error: BaseException) -> int:
     """Print ``error`` as one line ``<script>: error: <message>`` on stderr; returns :data:`EXIT_FAILURE`.
@@ -60,7 +77,7 @@ def run_main(argv, parse_args: Callable, run: Callable, failures: Tuple[Type[Bas
     args = parse_args(argv)
     try:
         run(args)
-    except failures as error:
+    except (RunFailure, *failures) as error:
         return report_failure(error)
     return EXIT_OK
 
@@ -85,15 +102,72 @@ def parse_non_negative_int(text: str) -> int:
     return _integer(text, 0)
 
 
-def parse_positive_float(text: str) -> float:
-    """``"0.5"`` -> 0.5; a number > 0."""
+def _finite(text: str) -> Optional[float]:
+    """``text`` as a finite float, else None (``nan``, ``inf`` and words are no numbers of a setting)."""
     try:
         value = float(text)
     except ValueError:
-        value = None
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_positive_float(text: str) -> float:
+    """``"0.5"`` -> 0.5; a finite number > 0."""
+    value = _finite(text)
     if value is None or not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def parse_non_negative_float(text: str) -> float:
+    """``"0.9"`` -> 0.9; a finite number >= 0 (``nan`` refused: a NaN momentum would train on silently)."""
+    value = _finite(text)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def parse_path(text: str) -> str:
+    """A file or folder name: any text but the empty one (``--output ""`` would mean the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return text
+
+
+def add_max_pixels_argument(parser, default: int = DEFAULT_MAX_PIXELS) -> None:
+    """``--max-pixels``: the limit :func:`check_pixels` applies."""
+    parser.add_argument("--max-pixels", type=parse_positive_int, default=default,
+                        help="refuse, before any allocation, a forward pass over more pixels than this (image or "
+                             "tile x batch, after scaling): a size whose tensors cannot fit in memory")
+
+
+def check_pixels(what: str, height: float, width: float, max_pixels: int, batch: int = 1) -> None:
+    """Raise ``ValueError`` (one line naming ``what``, e.g. ``"--input-size 100000,100000"``) when ``batch`` images
+    of ``height x width`` pixels (sizes may be fractional or huge: compared as floats, never allocated) exceed
+    ``max_pixels``."""
+    pixels = float(height) * float(width) * batch
+    if not pixels <= max_pixels:  # also NaN
+        batch_text = f" x {batch} images" if batch > 1 else ""
+        raise ValueError(f"{what}: {height:.0f}x{width:.0f} pixels{batch_text} = {pixels:.3g}, more than --max-pixels "
+                         f"{max_pixels} in one forward pass: its tensors would not fit in memory (raise --max-pixels "
+                         "if this machine holds them)")
+
+
+def path_problem(path: str) -> str:
+    """Why ``path`` cannot be read, in a few words: ``no such file``, ``no permission to enter the folder X`` (a
+    folder of mode 000 hides its files: they are not missing), ``no permission to read it``, ``a folder``."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while ancestor != os.path.dirname(ancestor):
+        if os.path.isdir(ancestor) and not os.access(ancestor, os.X_OK):
+            return f"no permission to enter the folder {ancestor}"
+        ancestor = os.path.dirname(ancestor)
+    if os.path.isdir(path):
+        return "a folder, not a file"
+    if os.path.lexists(path) and not os.path.exists(path):
+        return f"a symbolic link to the missing {os.readlink(path)}"
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        return "no permission to read it"
+    return "no such file"
 
 
 def parse_gpu_choice(text: str) -> str:
@@ -158,8 +232,8 @@ def parse_scales(text: str) -> List[float]:
         scales = [float(value) for value in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(expected) from None
-    if any(not scale > 0 for scale in scales):
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    if any(not 0 < scale < math.inf for scale in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive and finite, got {text!r}")
     return scales
 
 

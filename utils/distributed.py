@@ -14,7 +14,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from utils.cli import parse_gpu_choice
+from utils.cli import RunFailure, parse_gpu_choice, parse_positive_float
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # gloo (CPU): 5 minutes without an answer from a peer ends the run
+
+
+class PeerLostError(RunFailure):
+    """A collective operation failed: another process of the run died, stalled past the collective timeout, or
+    closed its connection. The message names this process and the likely cause in one line."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,17 @@ def add_gpu_argument(parser: argparse.ArgumentParser) -> None:
                         help="GPU ids this node may use, e.g. '0' or '0,1,2,3' (sets CUDA_VISIBLE_DEVICES; one GPU "
                              "per process: N ids need torchrun --nproc_per_node=N); 'cpu' for the CPU; default: the "
                              "visible GPUs, else the CPU")
+
+
+def add_collective_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """``--collective-timeout``: how long a process waits for its peers in a collective operation (see
+    :func:`init_distributed`); a script passes ``args.collective_timeout`` to :func:`process_group`."""
+    parser.add_argument("--collective-timeout", type=parse_positive_float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="under torchrun: end the run with one line when a peer process has not answered a "
+                             "collective operation for this long (a stalled or dead process); on GPUs NCCL's "
+                             "watchdog applies it (longer than the slowest step, e.g. the first one of "
+                             "--compile 1)")
 
 
 def apply_gpu_choice(gpu: str | None) -> bool:
@@ -75,11 +93,13 @@ def apply_gpu_choice(gpu: str | None) -> bool:
 
 
 def init_distributed(backend: str | None = None, use_cuda: bool | None = None,
-                     timeout_minutes: float = 30.0) -> DistInfo:
+                     timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInfo:
     """Join the process group that ``torchrun`` describes (if any) and pick this process's device.
 
     backend: "nccl" or "gloo"; default NCCL when CUDA is used, else gloo.
     use_cuda: default ``torch.cuda.is_available()``. Process ``local_rank`` uses GPU ``local_rank``.
+    timeout_s: a collective operation that waits longer than this for a peer fails (gloo: in the waiting call;
+    NCCL: its watchdog, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default, ends the process).
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -96,19 +116,40 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None,
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_minutes))
+                                timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def _is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from the communication library (gloo's or NCCL's errors are RuntimeErrors whose
+    text names them; newer ones are ``torch.distributed.DistError``)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return type(error) is RuntimeError and any(  # our own errors subclass RuntimeError: never these
+        marker in str(error) for marker in ("gloo/", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
 @contextmanager
-def process_group(use_cuda: bool | None = None) -> Iterator[DistInfo]:
+def process_group(use_cuda: bool | None = None,
+                  timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> Iterator[DistInfo]:
     """:func:`init_distributed` for a ``with`` block, which leaves the process group when it ends (also on an
-    error): ``with process_group(use_cuda) as info: ...``."""
-    info = init_distributed(use_cuda=use_cuda)
+    error): ``with process_group(use_cuda, args.collective_timeout) as info: ...``. A failed collective operation
+    in the block (a peer that died or stalled) becomes a :class:`PeerLostError`: one line, no traceback."""
+    info = init_distributed(use_cuda=use_cuda, timeout_s=timeout_s)
+    lost = False
     try:
         yield info
+    except RuntimeError as error:
+        if info.world_size == 1 or not _is_collective_failure(error):
+            raise
+        lost = True
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PeerLostError(f"process {info.rank} of {info.world_size}: a peer process stopped answering (it died, "
+                            f"or stalled past --collective-timeout {timeout_s:g} s); the run ends here "
+                            f"({first_line.split('] ', 1)[-1].split('. ', 1)[0].rstrip('.')})") from None
     finally:
-        cleanup()
+        if not lost:  # leaving a group whose peer is gone could wait for it again
+            cleanup()
 
 
 def is_distributed() -> bool:

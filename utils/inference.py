@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from utils.cli import check_pixels
 from utils.logits import upsample_logits
 
 
@@ -84,10 +85,14 @@ def scaled_size(size: Tuple[int, int], scale: float) -> Tuple[int, int]:
 
 
 def check_scales(size: Tuple[int, int], scales: Sequence[float], image_name: str = "the image",
-                 flag: str = "--scales") -> None:
+                 flag: str = "--scales", max_pixels: Optional[int] = None, batch: int = 1) -> None:
     """Raise ``ValueError`` (one line naming ``image_name`` and ``flag``) when a scale of ``scales`` resizes an
-    image of ``size = (H, W)`` to a side of 0 pixels (e.g. ``--scales 0.001``, or 0.4 on a 1x1 image)."""
+    image of ``size = (H, W)`` to a side of 0 pixels (e.g. ``--scales 0.001``, or 0.4 on a 1x1 image), or (with
+    ``max_pixels``) ``batch`` such images to more than ``max_pixels`` pixels (``--scales 1e9``), before any
+    allocation (``utils.cli.check_pixels``)."""
     for scale in scales:
+        if max_pixels is not None:
+            check_pixels(f"{image_name}: {flag} {scale:g}", size[0] * scale, size[1] * scale, max_pixels, batch)
         height, width = scaled_size(size, scale)
         if min(height, width) < 1:
             raise ValueError(f"{image_name}: {flag} {scale:g} resizes its {size[0]}x{size[1]} pixels to "
@@ -110,6 +115,7 @@ def predict_logits(
     flip: bool = False,
     tile_batch: int = 1,
     image_name: str = "the image",
+    max_pixels: Optional[int] = None,
 ) -> torch.Tensor:
     """Logits ``(N, K, H, W)`` of ``(N, 3, H, W)`` preprocessed images, averaged over scales and flips.
 
@@ -121,14 +127,15 @@ def predict_logits(
         scales: image scale factors (``1.0`` = original size).
         flip: also predict the left-right mirrored image.
         tile_batch: sliding window: tiles per forward pass.
-        image_name: what the one-line error of a scale that shrinks the images to nothing names (see
-            :func:`check_scales`).
+        image_name: what the one-line error of a scale that shrinks the images to nothing (or, with
+            ``max_pixels``, enlarges them beyond it) names (see :func:`check_scales`).
+        max_pixels: refuse scales whose resized batch has more pixels (``--max-pixels``); None: no limit.
     """
     if not scales:
         raise ValueError("scales must list at least one scale factor")
     if any(scale <= 0 for scale in scales):
         raise ValueError(f"scale factors must be positive, got {list(scales)}")
-    check_scales(images.shape[-2:], scales, image_name)
+    check_scales(images.shape[-2:], scales, image_name, max_pixels=max_pixels, batch=images.shape[0])
     size = images.shape[-2:]
     total = None
     for scale in scales:

@@ -1,6 +1,11 @@
-"""Training log: a tqdm progress bar, TensorBoard scalars and a CSV file, written by the main process only."""
+"""Training log: a tqdm progress bar, TensorBoard scalars and a CSV file, written by the main process only.
+
+A log that cannot be written (a full disk, a read-only ``--log-dir``) never stops the training: the CSV and the
+TensorBoard events each stop with one warning line naming the file or folder, and the snapshots go on (a snapshot
+that cannot be written stops the run, naming the last good one)."""
 import csv
 import os
+import threading
 import time
 
 from tqdm import tqdm
@@ -9,7 +14,7 @@ from tqdm import tqdm
 def _truncate_csv(path: str, last_iteration: int) -> None:
     """Keep the header and the rows up to ``last_iteration`` of a CSV log; drop the later ones and any row that a
     killed process left incomplete. Rewritten atomically (a temporary file, then ``os.replace``): a crash meanwhile
-    leaves the old file."""
+    leaves the old file; an ``OSError`` (raised again) leaves it and removes the temporary file."""
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     if not rows:
@@ -18,11 +23,16 @@ def _truncate_csv(path: str, last_iteration: int) -> None:
     kept = [header] + [row for row in rows[1:] if _complete_row(row, len(header))
                        and int(row[0]) <= last_iteration]
     temporary = f"{path}.tmp"
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows(kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError:  # e.g. a full disk: the old file stays, no partial copy beside it
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def _complete_row(row: list, columns: int) -> bool:
@@ -56,17 +66,45 @@ class TrainingLogger:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported here: the other ranks never need it
 
-        os.makedirs(log_dir, exist_ok=True)
-        self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
+        self.log_dir = log_dir
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True)
         self.csv_path = os.path.join(log_dir, self.CSV_NAME)
-        if start_step and os.path.exists(self.csv_path):
-            _truncate_csv(self.csv_path, start_step)
         self.csv_file = None
         self.csv_writer = None
         self.csv_stopped = False  # after a write failed (see _stop_csv)
+        self.writer = None  # None: TensorBoard's events are not (or no longer) written (see _stop_tensorboard)
+        self._previous_excepthook = threading.excepthook
+        threading.excepthook = self._quiet_writer_thread
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
+        except OSError as error:
+            self._stop_tensorboard(start_step + 1, error)
+        try:
+            if start_step and os.path.exists(self.csv_path):
+                _truncate_csv(self.csv_path, start_step)
+        except OSError as error:  # its later rows would follow rows of the interrupted run: no CSV rather
+            self._stop_csv(start_step + 1, error)
         self.skipped = 0
         self.start_time = time.time()
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="it", dynamic_ncols=True)
+
+    def _quiet_writer_thread(self, hook_args) -> None:
+        """``threading.excepthook`` while the log is open: the ``OSError`` that kills TensorBoard's writer thread
+        (a full disk) is raised again by the next ``add_scalar`` and reported there in one line (not a thread
+        traceback); everything else goes to the previous hook."""
+        if not (issubclass(hook_args.exc_type, OSError) and type(hook_args.thread).__name__ == "_AsyncWriterThread"):
+            self._previous_excepthook(hook_args)
+
+    def _stop_tensorboard(self, iteration: int, error: OSError) -> None:
+        """Write no more TensorBoard events after ``error``; say so in one line (training goes on, as for the CSV)."""
+        self.message(f"warning: {self.log_dir}: TensorBoard events from iteration {iteration} on not written "
+                     f"({error.strerror or error}); training goes on")
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
 
     def _open_csv(self, fields: list[str]) -> None:
         new_file = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
@@ -79,8 +117,12 @@ class TrainingLogger:
         """Record the scalars of 1-based ``iteration`` (the number of steps done)."""
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            self.writer.add_scalar(f"train/{name}", value, iteration)
+        if self.writer is not None:
+            try:
+                for name, value in scalars.items():
+                    self.writer.add_scalar(f"train/{name}", value, iteration)
+            except OSError as error:  # raised by the writer thread's failed write, here or at a later call
+                self._stop_tensorboard(iteration, error)
         if not self.csv_stopped:
             try:
                 if self.csv_writer is None:
@@ -125,6 +167,14 @@ class TrainingLogger:
         if not self.enabled:
             return
         self.bar.close()
-        self.writer.close()
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except OSError as error:
+                self._stop_tensorboard(self.bar.n, error)
         if self.csv_file is not None:
-            self.csv_file.close()
+            try:
+                self.csv_file.close()
+            except OSError as error:
+                self._stop_csv(self.bar.n, error)
+        threading.excepthook = self._previous_excepthook

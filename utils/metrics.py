@@ -15,11 +15,12 @@ positives only) is a genuine ``IoU = 0`` and counts in the mean.
 """
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from utils.outputs import atomic_output
 
 
 def confusion_matrix(prediction, ground_truth, num_classes: int, ignore_label: int = 255) -> torch.Tensor:
@@ -132,13 +133,12 @@ def scores_to_dict(scores: SegmentationScores, class_names: Sequence[str]) -> di
 
 
 def write_result_json(path: str, scores: SegmentationScores, class_names: Sequence[str], extra: Optional[dict] = None):
-    """Write :func:`scores_to_dict` (plus ``extra`` entries, e.g. the evaluation settings) to ``path`` as JSON."""
+    """Write :func:`scores_to_dict` (plus ``extra`` entries, e.g. the evaluation settings) to ``path`` as JSON, whole
+    or not at all (``utils.outputs.atomic_output``: a failure is an ``OutputError`` naming ``path``)."""
     result = scores_to_dict(scores, class_names)
     if extra:
         result.update(extra)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as handle:
+    with atomic_output(path) as temporary, open(temporary, "w") as handle:
         json.dump(result, handle, indent=2)
         handle.write("\n")
 
