@@ -81,7 +81,7 @@ def run(args) -> None:
     check_output_folder("--output", args.output, written, images)  # before any work: outputs never replace inputs
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
     model = inference_model(build_and_load(args, device), args, device)  # also resolves the dataset and its defaults
-    palette = get_dataset(args.dataset).palette
+    spec = get_dataset(args.dataset)
     tile_size = None if args.whole else args.input_size
     os.makedirs(args.output, exist_ok=True)
     for path in images:
@@ -89,11 +89,11 @@ def run(args) -> None:
         if image is None:
             raise ValueError(f"cannot read image {path}")
         logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
-                                args.tile_batch, image_name=path)
+                                args.tile_batch, image_name=path, flip_pairs=spec.flip_pairs)
         train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         prediction_path, overlay_path = output_paths(args.output, path)
-        save_paletted_png(prediction_path, train_ids, palette)
-        cv2.imwrite(overlay_path, overlay(image, train_ids, palette, args.alpha))
+        save_paletted_png(prediction_path, train_ids, spec.palette)
+        cv2.imwrite(overlay_path, overlay(image, train_ids, spec.palette, args.alpha))
         print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {prediction_path}, {overlay_path}")
     print(f"{len(images)} image(s) segmented into {os.path.abspath(args.output)}")
 

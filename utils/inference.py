@@ -14,7 +14,9 @@ as in the original code:
 * multi-scale: the image is resized bilinearly (corners aligned, like the original's ``ndimage.zoom(order=1)``)
   by each scale, predicted, and the logits resized back to the original size;
 * flip: each scale is also predicted on the image mirrored left-right (the width axis, the last one) and the
-  logits mirrored back. The result is the mean over every (scale, flip) prediction.
+  logits mirrored back, the class channels of each flip pair swapped (what the network calls a left arm in the
+  mirrored image is the right arm of the image: ``utils.mirror``). The result is the mean over every (scale, flip)
+  prediction.
 
 Every upsampling goes through ``utils.logits.upsample_logits``. Predictions become files in
 ``dataset.predictions``.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.logits import upsample_logits
+from utils.mirror import FlipPairs, mirrored_class_ids
 
 
 def _main_logits(model, images: torch.Tensor) -> torch.Tensor:
@@ -110,6 +113,7 @@ def predict_logits(
     flip: bool = False,
     tile_batch: int = 1,
     image_name: str = "the image",
+    flip_pairs: FlipPairs = (),
 ) -> torch.Tensor:
     """Logits ``(N, K, H, W)`` of ``(N, 3, H, W)`` preprocessed images, averaged over scales and flips.
 
@@ -123,6 +127,9 @@ def predict_logits(
         tile_batch: sliding window: tiles per forward pass.
         image_name: what the one-line error of a scale that shrinks the images to nothing names (see
             :func:`check_scales`).
+        flip_pairs: the class pairs a mirror swaps (``DatasetSpec.flip_pairs``): with ``flip``, the mirrored
+            image's logits have the two channels of each pair exchanged before they are averaged. A pair beyond
+            the model's ``K`` classes raises ``ValueError``.
     """
     if not scales:
         raise ValueError("scales must list at least one scale factor")
@@ -143,6 +150,9 @@ def predict_logits(
                     logits = upsample_logits(logits, size)
             if mirrored:
                 logits = logits.flip(-1)
+                if flip_pairs:
+                    channels = torch.from_numpy(mirrored_class_ids(logits.shape[1], flip_pairs))
+                    logits = logits.index_select(1, channels.to(logits.device))
             total = logits if total is None else total + logits
     return total / (len(scales) * (2 if flip else 1))
 
