@@ -9,9 +9,9 @@ JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<s
 * ``<stem>.png``: the prediction as a paletted PNG (pixel = train id, shown in the dataset's colours);
 * ``<stem>_overlay.jpg``: the colours blended over the image (``--alpha``).
 
-Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles, ADE20K the
-whole image; ``--whole`` / ``--no-whole``, ``--scales``, ``--flip``; ``--channels-last``, ``--amp``); ``--dataset``
-and the model flags default to the snapshot's.
+Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles, ADE20K and LIP
+the whole image; ``--whole`` / ``--no-whole``, ``--scales``, ``--flip`` (LIP's left/right classes swapped in the
+mirrored prediction); ``--channels-last``, ``--amp``); ``--dataset`` and the model flags default to the snapshot's.
 """
 import os
 import sys

@@ -65,7 +65,7 @@ class DatasetSpec:
         evaluation: evaluate.py's and predict.py's defaults.
         flip_pairs: the pairs of train ids that a left-right mirror turns into each other (a left and a right arm);
             ``--random-mirror`` swaps them in the labels of a mirrored crop and ``--flip`` in the logits of the
-            mirrored image (``utils.mirror``). None for most datasets.
+            mirrored image (``utils.mirror``). Empty for most datasets.
     """
 
     name: str
