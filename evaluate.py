@@ -1,5 +1,5 @@
-"""Evaluate a CCNet snapshot on a dataset's list (Cityscapes, ADE20K): mIoU table, result.json, and optionally the
-predictions.
+"""Evaluate a CCNet snapshot on a dataset's list (Cityscapes, ADE20K, LIP): mIoU table, result.json, and optionally
+the predictions.
 
     python evaluate.py --data-dir CS --restore-from snapshots/CS_scenes_60000.pth            # sliding 769 tiles
     python evaluate.py ... --whole --scales 0.75,1.0,1.25 --flip                              # multi-scale + flip
@@ -7,20 +7,22 @@ predictions.
     python evaluate.py ... --data-list dataset/list/cityscapes/test.lst --save-pred outputs   # test server
 
 Inference (see ``utils.inference``): the dataset's mode by default (Cityscapes: sliding window, tiles of
-``--input-size``, 1/3 overlap, logits averaged: the original; ADE20K: the whole image), ``--whole`` for one pass
-over the whole image, ``--no-whole`` for tiles; ``--scales`` / ``--flip`` average the logits of every scale and of
-the left-right mirrored image. ``--dataset`` and the model flags default to the snapshot's.
+``--input-size``, 1/3 overlap, logits averaged: the original; ADE20K and LIP: the whole image), ``--whole`` for one
+pass over the whole image, ``--no-whole`` for tiles; ``--scales`` / ``--flip`` average the logits of every scale and
+of the left-right mirrored image (with the dataset's left/right classes swapped in the mirrored one: LIP's arms, legs
+and shoes). ``--dataset`` and the model flags default to the snapshot's.
 
 Scores (see ``utils.metrics``): one confusion matrix over all valid pixels (summed over the processes under
 torchrun; each process takes a contiguous share of the list, so no image is counted twice or left out), IoU per
-class, mean IoU, pixel accuracy. ``result.json`` goes into ``--save-pred`` if given, else beside the snapshot.
+class, mean IoU, pixel accuracy, mean (per-class) accuracy. ``result.json`` goes into ``--save-pred`` if given, else
+beside the snapshot.
 
 ``--save-pred DIR`` writes ``DIR/<stem>.png`` (paletted: pixel = train id, in the dataset's colours) and
 ``DIR/labelIds/<stem>.png`` (single channel, full resolution, the values of the dataset's label files: Cityscapes
-label ids, the format of cityscapesScripts' evaluation and of the test server; ADE20K 1..150). Lists without
-labels (test.lst) are predicted, not scored. ``DIR`` is locked while the run writes there (a second evaluation into
-it stops with one line). result.json names the snapshot it scores; when the snapshot's folder is read-only (and
-there is no ``--save-pred``), it goes to the current folder instead, and the run says so.
+label ids, the format of cityscapesScripts' evaluation and of the test server; ADE20K 1..150; LIP 0..19). Lists
+without labels (test.lst) are predicted, not scored. ``DIR`` is locked while the run writes there (a second
+evaluation into it stops with one line). result.json names the snapshot it scores; when the snapshot's folder is
+read-only (and there is no ``--save-pred``), it goes to the current folder instead, and the run says so.
 
 Before the model is built: every listed file exists, is not empty and may be read (``dataset.segmentation.
 read_list``), and ``--save-pred`` is a folder whose outputs replace no listed file and that holds none
@@ -153,7 +155,8 @@ def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, s
     conf = None
     for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
         logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip,
-                                args.tile_batch, image_name=", ".join(names), max_pixels=args.max_pixels)
+                                args.tile_batch, image_name=", ".join(names), max_pixels=args.max_pixels,
+                                flip_pairs=spec.flip_pairs)
         prediction = logits.argmax(dim=1)  # (N, H, W) train ids
         if labels is not None:
             batch_conf = confusion_matrix(prediction, labels.to(device), args.num_classes, IGNORE_LABEL)

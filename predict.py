@@ -9,9 +9,9 @@ JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<s
 * ``<stem>.png``: the prediction as a paletted PNG (pixel = train id, shown in the dataset's colours);
 * ``<stem>_overlay.jpg``: the colours blended over the image (``--alpha``).
 
-Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles, ADE20K the
-whole image; ``--whole`` / ``--no-whole``, ``--scales``, ``--flip``; ``--channels-last``, ``--amp``); ``--dataset``
-and the model flags default to the snapshot's.
+Inference is evaluate.py's (the dataset's mode by default: Cityscapes sliding ``--input-size`` tiles, ADE20K and LIP
+the whole image; ``--whole`` / ``--no-whole``, ``--scales``, ``--flip`` (LIP's left/right classes swapped in the
+mirrored prediction); ``--channels-last``, ``--amp``); ``--dataset`` and the model flags default to the snapshot's.
 
 Before the model is built: ``--output`` is a folder whose outputs replace no input image nor the snapshot (by path
 or as the same file under another name) nor any file that is not an earlier prediction, and that holds no input
@@ -98,19 +98,20 @@ def run(args) -> None:
     check_tile_size(args)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
     model = inference_model(build_and_load(args, device, checkpoint=checkpoint), args, device)
-    palette = get_dataset(args.dataset).palette
+    spec = get_dataset(args.dataset)
     tile_size = None if args.whole else args.input_size
     lock = lock_output_folder("--output", args.output)
     try:
         for path in images:
             image = read_image_file(path)
             logits = predict_logits(model, image_to_tensor(image).to(device), tile_size, args.scales, args.flip,
-                                    args.tile_batch, image_name=path, max_pixels=args.max_pixels)
+                                    args.tile_batch, image_name=path, max_pixels=args.max_pixels,
+                                    flip_pairs=spec.flip_pairs)
             train_ids = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
             prediction_path, overlay_path = output_paths(args.output, path)
-            save_paletted_png(prediction_path, train_ids, palette)
+            save_paletted_png(prediction_path, train_ids, spec.palette)
             with atomic_output(overlay_path) as temporary:
-                check_encoded(cv2.imwrite(temporary, overlay(image, train_ids, palette, args.alpha)))
+                check_encoded(cv2.imwrite(temporary, overlay(image, train_ids, spec.palette, args.alpha)))
             print(f"{path}: {image.shape[0]}x{image.shape[1]} -> {prediction_path}, {overlay_path}")
     finally:
         lock.release()

@@ -7,7 +7,8 @@
 #                            then evaluates snapshots/CS_scenes_60000.pth on the val list (sliding window).
 #                            DATASET=ade20k: the same on ADEChallengeData2016 with ADE20K's numbers (512x512 crops,
 #                            batch 16, 80000 steps, lr 1e-2, weight decay 5e-4: dataset/ade20k.py), evaluated on
-#                            whole images.
+#                            whole images. DATASET=lip: on the LIP folder with CE2P's numbers (473x473 crops,
+#                            batch 40, 115000 steps, lr 7e-3, weight decay 5e-4: dataset/lip.py), whole images.
 #   ./run_local.sh           the demo, on the CPU: generates a small synthetic dataset (in the format of DATASET,
 #                            default cityscapes), trains the tiny configuration for a few minutes, evaluates it,
 #                            prints the mIoU table and the folder of colorized predictions.

@@ -13,14 +13,13 @@ and ``_base_/schedules/schedule_80k.py``): 512x512 crops, batch 16 (4 GPUs x 4),
 poly 0.9, 80000 iterations (its 160k variant scores about the same), whole-image evaluation (``test_cfg
 mode='whole'``); docs/ade20k.md compares the rest of the two recipes.
 """
-import colorsys
 import os
 from typing import Dict, List
 
 import numpy as np
 
 from dataset.segmentation import IGNORE_LABEL, find_list_lines
-from dataset.spec import DatasetSpec, EvaluationDefaults, TrainingDefaults
+from dataset.spec import DatasetSpec, EvaluationDefaults, TrainingDefaults, make_palette
 
 # The 150 classes in the benchmark's order: annotation value k + 1 = train id k.
 CLASS_NAMES = (
@@ -43,20 +42,6 @@ CLASS_NAMES = (
 NUM_CLASSES = len(CLASS_NAMES)  # 150
 VOID = 0  # the annotation value of the pixels that are not evaluated
 SPLIT_FOLDERS = {"train": "training", "val": "validation"}  # list name -> folder under images/ and annotations/
-
-
-def make_palette(count: int) -> np.ndarray:
-    """``(count, 3)`` uint8 RGB colours, all distinct and none black (black is void in the pictures): hues a golden
-    angle apart, each at one of three saturations and three brightnesses."""
-    colours = []
-    for k in range(count):
-        hue = (k * 0.6180339887) % 1.0
-        saturation = (0.95, 0.7, 0.45)[k % 3]
-        value = (0.95, 0.75, 0.55)[(k // 3) % 3]
-        colours.append([round(255 * channel) for channel in colorsys.hsv_to_rgb(hue, saturation, value)])
-    return np.array(colours, dtype=np.uint8)
-
-
 PALETTE = make_palette(NUM_CLASSES)
 
 # Annotation value -> train id, indexed by the uint8 pixel value.

@@ -1,8 +1,8 @@
-"""Generate a small dataset of synthetic street scenes in the Cityscapes or the ADE20K format, for the demo and the
-tests.
+"""Generate a small dataset of synthetic street scenes in the Cityscapes or the ADE20K format, or of synthetic
+people in the LIP format, for the demo and the tests.
 
-    python -m dataset.generate_demo OUT_DIR [--dataset cityscapes|ade20k] [--num-train 24 --num-val 8 --height 128
-                                            --width 256 --seed 0]
+    python -m dataset.generate_demo OUT_DIR [--dataset cityscapes|ade20k|lip] [--num-train 24 --num-val 8
+                                            --height 128 --width 256 --seed 0]
 
 Cityscapes (the default) writes ``OUT_DIR/leftImg8bit/{train,val}/demoville/*_leftImg8bit.png`` and
 ``OUT_DIR/gtFine/{train,val}/demoville/*_gtFine_labelIds.png`` (real Cityscapes label ids); ADE20K writes
@@ -13,8 +13,16 @@ Cityscapes (the default) writes ``OUT_DIR/leftImg8bit/{train,val}/demoville/*_le
 Each scene has sky (gradient, clouds), buildings (facades with window grids), vegetation (noisy green tree
 crowns), road (dark asphalt, dashed lane marks), cars (coloured bodies, dark windows, wheels) and people (head,
 torso, legs), each class with its own colour, texture and shape, so a small network learns them in minutes;
-the bottom rows are an "ego vehicle" bonnet (label id 1; void in both formats, ignored in training). Same seed ->
-same files.
+the bottom rows are an "ego vehicle" bonnet (label id 1; void in both formats, ignored in training).
+
+LIP writes ``OUT_DIR/TrainVal_images/{train,val}_images/<stem>.jpg`` and
+``OUT_DIR/TrainVal_parsing_annotations/{train,val}_segmentations/<stem>.png`` (LIP's class ids) and the two lists:
+one standing figure per image (hair, face, upper clothes, pants, arms, legs, shoes) on a textured background. The
+figure is symmetric: its two arms (legs, shoes) have the same shape, colour and texture, and only their side tells
+the left one (class 14, 16, 18: the one further left in the image) from the right one (15, 17, 19), so a network
+trained with mirrored crops tells them apart only if the mirror swaps their labels (``DatasetSpec.flip_pairs``).
+
+Same seed -> same files.
 """
 import os
 import sys
@@ -24,6 +32,7 @@ import cv2
 import numpy as np
 
 from dataset.ade20k import ADE20K, SPLIT_FOLDERS
+from dataset.lip import IMAGE_FOLDER, LABEL_FOLDER, LIP
 from dataset.registry import DEFAULT_DATASET
 from utils.cli import EXIT_OK, ArgumentParser, parse_non_negative_int
 
@@ -183,11 +192,59 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
+def make_figure(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic person seen from the front: (H, W, 3) uint8 BGR image and (H, W) uint8 LIP class ids.
+
+    The figure is mirror-symmetric about its centre line (near the image's centre); its left limbs (on the image's
+    left) and right limbs look the same.
+    """
+    ids = {name: class_id for class_id, name in enumerate(LIP.class_names)}
+    image = np.empty((height, width, 3), np.float32)
+    image[:] = rng.uniform(40, 220, 3)
+    image += _texture(rng, (height, width), 18.0, max(2, height // 16))[..., None]
+    label = np.full((height, width), ids["background"], np.uint8)
+    size = height * rng.uniform(0.78, 0.95)  # the figure's height
+    top = (height - size) / 2 + rng.uniform(-0.02, 0.02) * height
+    centre = width / 2 + rng.uniform(-0.08, 0.08) * width
+    half_torso = max(2.0, 0.13 * size)
+    arm = max(2.0, 0.07 * size)
+    skin = rng.uniform((90, 120, 170), (150, 180, 235))  # BGR, one skin colour for the face and every limb
+    rows = {"head": top + 0.2 * size, "shoulder": top + 0.22 * size, "waist": top + 0.55 * size,
+            "hips": top + 0.68 * size, "ankle": top + 0.93 * size, "sole": top + size}
+
+    def box(x0, x1, y0, y1) -> np.ndarray:
+        return _shape_mask(label.shape, lambda m: cv2.rectangle(m, (round(x0), round(y0)), (round(x1), round(y1)),
+                                                                1, -1))
+
+    radius = 0.1 * size
+    hair = _shape_mask(label.shape, lambda m: cv2.circle(m, (round(centre), round(top + radius)), round(radius), 1,
+                                                         -1))
+    face = _shape_mask(label.shape, lambda m: cv2.ellipse(
+        m, (round(centre), round(top + 1.15 * radius)), (round(0.8 * radius), round(0.85 * radius)), 0, 0, 360, 1,
+        -1))
+    _paint(image, label, hair, rng.uniform(10, 70, 3), ids["hair"], _texture(rng, label.shape, 10.0, 1))
+    _paint(image, label, face, skin, ids["face"])
+    _paint(image, label, box(centre - half_torso, centre + half_torso, rows["shoulder"], rows["waist"]),
+           rng.uniform(0, 255, 3), ids["upper-clothes"], _texture(rng, label.shape, 8.0, 1))
+    _paint(image, label, box(centre - half_torso, centre + half_torso, rows["waist"], rows["hips"]),
+           rng.uniform(0, 255, 3), ids["pants"], _texture(rng, label.shape, 8.0, 1))
+    shoe = rng.uniform(10, 60, 3)
+    for side, sign in (("left", -1), ("right", 1)):  # the image's left, then its right: mirror images
+        inner, outer = centre + sign * (half_torso + 1), centre + sign * (half_torso + 1 + arm)
+        _paint(image, label, box(inner, outer, rows["shoulder"], rows["waist"]), skin, ids[f"{side}-arm"])
+        inner, outer = centre + sign * 1, centre + sign * half_torso
+        _paint(image, label, box(inner, outer, rows["hips"], rows["ankle"]), skin, ids[f"{side}-leg"])
+        _paint(image, label, box(inner, outer, rows["ankle"], rows["sole"]), shoe, ids[f"{side}-shoe"])
+    image += _texture(rng, label.shape, 3.0, 1)[..., None]
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
 class DemoFormat(NamedTuple):
     """How one dataset's format stores a scene."""
 
     files: Callable[[str, int, int], Tuple[str, str]]  # (split, split index, index) -> image, label (relative)
-    label_values: np.ndarray  # (256,) uint8: a drawn Cityscapes label id -> the value the format's label file holds
+    label_values: np.ndarray  # (256,) uint8: a drawn label value -> the value the format's label file holds
+    draw: Callable = make_scene  # (rng, height, width) -> (H, W, 3) uint8 BGR image, (H, W) uint8 drawn labels
 
 
 def _cityscapes_files(split: str, split_index: int, index: int) -> Tuple[str, str]:
@@ -198,6 +255,11 @@ def _cityscapes_files(split: str, split_index: int, index: int) -> Tuple[str, st
 def _ade20k_files(split: str, split_index: int, index: int) -> Tuple[str, str]:
     folder, stem = SPLIT_FOLDERS[split], f"ADE_{split}_{index + 1:08d}"
     return f"images/{folder}/{stem}.jpg", f"annotations/{folder}/{stem}.png"
+
+
+def _lip_files(split: str, split_index: int, index: int) -> Tuple[str, str]:
+    stem = f"{index:06d}_{split_index:06d}"
+    return f"{IMAGE_FOLDER}/{split}_images/{stem}.jpg", f"{LABEL_FOLDER}/{split}_segmentations/{stem}.png"
 
 
 def _ade20k_values() -> np.ndarray:
@@ -212,6 +274,7 @@ def _ade20k_values() -> np.ndarray:
 FORMATS: Dict[str, DemoFormat] = {
     "cityscapes": DemoFormat(_cityscapes_files, np.arange(256, dtype=np.uint8)),
     "ade20k": DemoFormat(_ade20k_files, _ade20k_values()),
+    "lip": DemoFormat(_lip_files, np.arange(256, dtype=np.uint8), make_figure),
 }
 
 
@@ -226,7 +289,7 @@ def generate(out_dir: str, num_train: int = 24, num_val: int = 8, height: int = 
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         lines = []
         for index in range(count):
-            image, label = make_scene(np.random.default_rng((seed, split_index, index)), height, width)
+            image, label = demo_format.draw(np.random.default_rng((seed, split_index, index)), height, width)
             image_path, label_path = demo_format.files(split, split_index, index)
             for path, pixels in ((image_path, image), (label_path, demo_format.label_values[label])):
                 os.makedirs(os.path.dirname(os.path.join(out_dir, path)), exist_ok=True)

@@ -10,10 +10,11 @@ from typing import Callable, Dict
 
 from dataset.ade20k import ADE20K
 from dataset.cityscapes import CITYSCAPES
+from dataset.lip import LIP
 from dataset.spec import DatasetSpec
 from utils.cli import EXIT_OK, ArgumentParser
 
-DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (CITYSCAPES, ADE20K)}
+DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (CITYSCAPES, ADE20K, LIP)}
 DATASET_NAMES = tuple(DATASETS)
 DEFAULT_DATASET = CITYSCAPES.name
 

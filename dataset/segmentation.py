@@ -6,7 +6,8 @@ A list file has one sample per line, paths relative to the data dir: ``<image>\\
 
 Augmentation (training=True), in the original order: random scale ``0.7 + randint(0, 14) / 10`` (image bilinear,
 label nearest, on the uint8 image), ``preprocess_image`` (BGR minus mean), pad bottom/right to the crop (image 0,
-label ignored), random crop, HWC->CHW, horizontal flip with p = 0.5. The same random draws and values are computed in
+label ignored), random crop, HWC->CHW, horizontal flip with p = 0.5; a mirrored crop's labels swap the dataset's flip
+pairs (a left arm seen in a mirror is a right arm: ``utils.mirror``). The same random draws and values are computed in
 fewer passes: the crop is cut from the scaled uint8 image and preprocessed alone, straight into its (mirrored) place
 in the padded CHW sample.
 
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 
 from dataset.transforms import image_to_tensor, preprocess_chw
 from utils.cli import path_problem
+from utils.mirror import FlipPairs, mirrored_class_ids
 
 IGNORE_LABEL = 255  # train id of the void pixels in decoded labels, and of the padding of training crops
 MIN_SCALE = 0.7  # > 0.5: cv2.resize rounds a side to the nearest pixel, so even a 1x1 image keeps 1 pixel a side
@@ -219,7 +221,8 @@ def _read_label(entry: ListEntry, image_shape: tuple, where: str) -> np.ndarray:
 class SegmentationDataset(Dataset):
     """Samples of a list file; ``decode_label`` turns a label file's pixels into train ids (``dataset.spec``).
 
-    training=True: ``(image float32 (3, crop_h, crop_w), label int64 (crop_h, crop_w), name)``, augmented.
+    training=True: ``(image float32 (3, crop_h, crop_w), label int64 (crop_h, crop_w), name)``, augmented; with
+    ``mirror``, the labels of a mirrored crop have the two train ids of each of ``flip_pairs`` swapped.
     training=False: ``(image float32 (3, H, W), label int64 (H, W) or None, name)``: the full preprocessed image,
     no augmentation; label is None for image-only (test) lists. Label values: train ids, ``ignore_label`` = void
     (the pixels the dataset leaves unevaluated, and the padding; any integer outside the train ids, e.g. 255 or -1).
@@ -236,7 +239,7 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, data_dir: str, list_path: str, decode_label: Callable[[np.ndarray], np.ndarray],
                  crop_size=(769, 769), scale: bool = False, mirror: bool = False, ignore_label: int = IGNORE_LABEL,
-                 training: bool = True, seed: int = 0, max_label_value: int = 255):
+                 training: bool = True, seed: int = 0, max_label_value: int = 255, flip_pairs: FlipPairs = ()):
         self.entries = read_list(data_dir, list_path)
         self.list_path = list_path
         self.decode_label = decode_label
@@ -245,6 +248,8 @@ class SegmentationDataset(Dataset):
         self.crop_h, self.crop_w = crop_size
         self.scale = scale
         self.mirror = mirror
+        # uint8 train id (void 255 included) -> its id in the mirrored crop; None: a mirror changes no class
+        self.mirrored_ids = mirrored_class_ids(IGNORE_LABEL + 1, flip_pairs).astype(np.uint8) if flip_pairs else None
         self.ignore_label = ignore_label
         self.training = training
         self.seed = seed
@@ -341,6 +346,8 @@ class SegmentationDataset(Dataset):
         image_target, label_target = sample_image, sample_label
         if self.mirror and rng.integers(0, 2):  # the padded crop mirrored: write it into mirrored views
             image_target, label_target = sample_image[:, :, ::-1], sample_label[:, ::-1]
+            if self.mirrored_ids is not None:
+                label = self.mirrored_ids[label]
         height, width = label.shape
         preprocess_chw(image, out=image_target[:, :height, :width])
         label_target[:height, :width] = label

@@ -1,14 +1,16 @@
-"""What the scripts know about a dataset: :class:`DatasetSpec`, one per dataset (``cityscapes.py``, ``ade20k.py``),
-collected in ``registry.py``.
+"""What the scripts know about a dataset: :class:`DatasetSpec`, one per dataset (``cityscapes.py``, ``ade20k.py``,
+``lip.py``), collected in ``registry.py``.
 
 A spec says how to read the dataset (its list files, its label decoder), how to show and write predictions (class
 names, palette, the label encoder of its submission format), how to find its files (its folder layout, turned into
-list files by ``python -m dataset.make_lists``) and the defaults train.py and evaluate.py take for it when a flag is
-not given. A third dataset is one new module with its spec, and one line in ``registry.py``.
+list files by ``python -m dataset.make_lists``), which classes a left-right mirror swaps (its flip pairs) and the
+defaults train.py and evaluate.py take for it when a flag is not given. Another dataset is one new module with its
+spec, and one line in ``registry.py``.
 
 Decoded labels are train ids ``0 .. num_classes - 1`` with ``dataset.segmentation.IGNORE_LABEL`` (255) for the void
 pixels, as uint8.
 """
+import colorsys
 import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Tuple
@@ -16,6 +18,7 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 
 from dataset.segmentation import SegmentationDataset
+from utils.mirror import mirrored_class_ids
 
 LIST_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "list")  # dataset/list/<name>/<split>.lst
 
@@ -60,6 +63,9 @@ class DatasetSpec:
             does not have the dataset's layout.
         training: train.py's defaults.
         evaluation: evaluate.py's and predict.py's defaults.
+        flip_pairs: the pairs of train ids that a left-right mirror turns into each other (a left and a right arm);
+            ``--random-mirror`` swaps them in the labels of a mirrored crop and ``--flip`` in the logits of the
+            mirrored image (``utils.mirror``). Empty for most datasets.
     """
 
     name: str
@@ -72,11 +78,16 @@ class DatasetSpec:
     list_lines: Callable[[str], Dict[str, List[str]]]
     training: TrainingDefaults
     evaluation: EvaluationDefaults
+    flip_pairs: Tuple[Tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.palette.shape != (len(self.class_names), 3) or self.palette.dtype != np.uint8:
             raise ValueError(f"{self.name}: the palette must be ({len(self.class_names)}, 3) uint8, got "
                              f"{self.palette.shape} {self.palette.dtype}")
+        try:
+            mirrored_class_ids(len(self.class_names), self.flip_pairs)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from None
 
     @property
     def num_classes(self) -> int:
@@ -94,7 +105,7 @@ class DatasetSpec:
     def dataset(self, data_dir: str, list_path: str, **options) -> SegmentationDataset:
         """The samples of a list file of this dataset (``options``: see :class:`SegmentationDataset`)."""
         return SegmentationDataset(data_dir, list_path, self.decode_label, max_label_value=self.max_label_value,
-                                   **options)
+                                   flip_pairs=self.flip_pairs, **options)
 
     def training_args(self) -> dict:
         """train.py's defaults by flag name (``dest``), the data folder and the list of ``train`` included."""
@@ -104,6 +115,18 @@ class DatasetSpec:
     def evaluation_args(self) -> dict:
         """evaluate.py's and predict.py's defaults by flag name, the data folder and the list of ``val`` included."""
         return {"data_dir": self.data_dir, "data_list": self.list_path("val"), **asdict(self.evaluation)}
+
+
+def make_palette(count: int) -> np.ndarray:
+    """``(count, 3)`` uint8 RGB colours, all distinct and none black (black is void in the pictures): hues a golden
+    angle apart, each at one of three saturations and three brightnesses."""
+    colours = []
+    for k in range(count):
+        hue = (k * 0.6180339887) % 1.0
+        saturation = (0.95, 0.7, 0.45)[k % 3]
+        value = (0.95, 0.75, 0.55)[(k // 3) % 3]
+        colours.append([round(255 * channel) for channel in colorsys.hsv_to_rgb(hue, saturation, value)])
+    return np.array(colours, dtype=np.uint8)
 
 
 def fill_unset(args, values: dict) -> None:

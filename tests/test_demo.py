@@ -8,14 +8,14 @@ import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
+@pytest.mark.parametrize("dataset", ["cityscapes", "ade20k", "lip"])
 def test_demo_generates_trains_evaluates_and_prints_the_table(tmp_path, repo_root, dataset):
     env = dict(os.environ, PYTHON=sys.executable, DEMO_DATA=str(tmp_path / "data"), DEMO_RUN=str(tmp_path / "run"), DEMO_TRAIN="4",
                DEMO_VAL="2", DEMO_HEIGHT="64", DEMO_WIDTH="128", DEMO_CROP="64,128", DEMO_BS="2", DEMO_STEPS="3",
                DATASET=dataset)
     done = subprocess.run([str(repo_root / "run_local.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "mean IoU" in done.stdout and "pixel accuracy" in done.stdout
+    assert "mean IoU" in done.stdout and "pixel accuracy" in done.stdout and "mean accuracy" in done.stdout
     predictions = tmp_path / "run" / "predictions"
     assert f"colorized predictions: {predictions}" in done.stdout
     assert len([name for name in os.listdir(predictions) if name.endswith(".png")]) == 2

@@ -129,6 +129,31 @@ def test_flip_averages_the_mirrored_width_axis():
     torch.testing.assert_close(predict_logits(model, images, None, flip=True), expected)
 
 
+class SideNet(nn.Module):
+    """Classes 1 and 2 look alike and only their side tells them apart: class 1 wherever a pixel is on the image's
+    left half, class 2 on its right half (a left and a right arm); 4 classes."""
+
+    def forward(self, x):
+        left = (torch.arange(x.shape[-1]) < x.shape[-1] / 2).float().expand(x.shape[0], x.shape[-2], -1)
+        zeros = torch.zeros_like(left)
+        return [torch.stack([zeros, left, 1 - left, zeros], dim=1), None]
+
+
+def test_flip_swaps_the_channels_of_each_flip_pair():
+    model = SideNet()
+    images = _images(h=6, w=8)
+    plain = predict_logits(model, images, None)
+    assert plain[:, 1, :, :4].eq(1).all() and plain[:, 2, :, 4:].eq(1).all()
+    # the mirrored image's class 1 is the image's class 2: swapped, the flip averaging keeps the prediction
+    assert torch.equal(predict_logits(model, images, None, flip=True, flip_pairs=((1, 2),)), plain)
+    # not swapped, every pixel is half left, half right: the two classes tie
+    unswapped = predict_logits(model, images, None, flip=True)
+    assert torch.equal(unswapped[:, 1], unswapped[:, 2]) and unswapped[:, 1].eq(0.5).all()
+    assert torch.equal(predict_logits(model, images, None, flip_pairs=((1, 2),)), plain)  # no flip: no swap
+    with pytest.raises(ValueError, match=r"flip pair \(1, 7\): ids must be in 0..3"):
+        predict_logits(model, images, None, flip=True, flip_pairs=((1, 7),))
+
+
 def test_multi_scale_averages_resized_predictions():
     model = StridedNet().eval()
     images = _images(n=1, h=40, w=60)

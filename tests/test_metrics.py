@@ -1,4 +1,4 @@
-"""The confusion matrix and mIoU on hand-made examples whose answers are worked out by hand."""
+"""The confusion matrix, mIoU and mean accuracy on hand-made examples whose answers are worked out by hand."""
 import json
 import math
 
@@ -46,6 +46,9 @@ def test_scores_known_answer_with_absent_class():
     assert scores.mean_iou == pytest.approx(1 / 3)  # mean over the 3 defined classes, not 4
     assert scores.pixel_accuracy == pytest.approx(3 / 5)
     assert scores.num_pixels == 5
+    # accuracy: class 0 1 of 2, class 1 2 of 2, class 2 0 of 1; class 3 has no ground truth
+    assert scores.accuracy[:3].tolist() == pytest.approx([1 / 2, 1.0, 0.0]) and math.isnan(float(scores.accuracy[3]))
+    assert scores.mean_accuracy == pytest.approx(1 / 2)
 
 
 def test_class_only_in_prediction_is_zero_and_counts_in_the_mean():
@@ -54,6 +57,22 @@ def test_class_only_in_prediction_is_zero_and_counts_in_the_mean():
     scores = scores_from_confusion(confusion_matrix(pred, gt, num_classes=3))
     assert scores.iou.tolist() == pytest.approx([1.0, 0.5, 0.0])
     assert scores.mean_iou == pytest.approx(0.5)
+    # accuracy is per ground-truth class: class 2 has no ground truth, so no accuracy, and stays out of the mean
+    assert scores.accuracy[:2].tolist() == pytest.approx([1.0, 0.5]) and math.isnan(float(scores.accuracy[2]))
+    assert scores.mean_accuracy == pytest.approx(0.75)
+
+
+def test_mean_accuracy_of_a_hand_made_confusion_matrix():
+    conf = torch.tensor([[5, 1, 0],   # class 0: 6 pixels, 5 right
+                         [2, 6, 2],   # class 1: 10 pixels, 6 right
+                         [0, 0, 4]])  # class 2: 4 pixels, all right
+    scores = scores_from_confusion(conf)
+    assert scores.accuracy.tolist() == pytest.approx([5 / 6, 6 / 10, 4 / 4])
+    assert scores.mean_accuracy == pytest.approx((5 / 6 + 6 / 10 + 1) / 3)  # 81.11 %, not the pixel accuracy:
+    assert scores.pixel_accuracy == pytest.approx(15 / 20)  # a rare class weighs as much as a common one
+    assert scores.iou.tolist() == pytest.approx([5 / (6 + 7 - 5), 6 / (10 + 7 - 6), 4 / (4 + 6 - 4)])
+    table = format_scores_table(scores, ["a", "b", "c"])
+    assert table.splitlines()[-1].split() == ["mean", "accuracy", "81.11"]
 
 
 def test_perfect_prediction_scores_one():
@@ -76,10 +95,13 @@ def test_table_and_result_json_show_absent_class(tmp_path):
     table = format_scores_table(scores, NAMES)
     assert "bus" in table and "n/a" in table
     assert "33.33" in table and "66.67" in table and "60.00" in table  # mean IoU, class 1, pixel accuracy
+    assert table.splitlines()[-1].split() == ["mean", "accuracy", "50.00", "(over", "3", "classes;", "1", "not", "in",
+                                              "the", "ground", "truth)"]
     path = tmp_path / "sub" / "result.json"
     write_result_json(str(path), scores, NAMES, extra={"scales": [1.0]})
     result = json.loads(path.read_text())
     assert result["iou"]["bus"] is None
     assert result["absent_classes"] == ["bus"]
     assert result["mean_iou"] == pytest.approx(1 / 3)
+    assert result["mean_accuracy"] == pytest.approx(1 / 2) and result["pixel_accuracy"] == pytest.approx(3 / 5)
     assert result["scales"] == [1.0]

@@ -14,7 +14,9 @@ as in the original code:
 * multi-scale: the image is resized bilinearly (corners aligned, like the original's ``ndimage.zoom(order=1)``)
   by each scale, predicted, and the logits resized back to the original size;
 * flip: each scale is also predicted on the image mirrored left-right (the width axis, the last one) and the
-  logits mirrored back. The result is the mean over every (scale, flip) prediction.
+  logits mirrored back, the class channels of each flip pair swapped (what the network calls a left arm in the
+  mirrored image is the right arm of the image: ``utils.mirror``). The result is the mean over every (scale, flip)
+  prediction.
 
 Every upsampling goes through ``utils.logits.upsample_logits``. Predictions become files in
 ``dataset.predictions``.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from utils.cli import check_pixels
 from utils.logits import upsample_logits
+from utils.mirror import FlipPairs, mirrored_class_ids
 
 
 def _main_logits(model, images: torch.Tensor) -> torch.Tensor:
@@ -116,6 +119,7 @@ def predict_logits(
     tile_batch: int = 1,
     image_name: str = "the image",
     max_pixels: Optional[int] = None,
+    flip_pairs: FlipPairs = (),
 ) -> torch.Tensor:
     """Logits ``(N, K, H, W)`` of ``(N, 3, H, W)`` preprocessed images, averaged over scales and flips.
 
@@ -130,6 +134,9 @@ def predict_logits(
         image_name: what the one-line error of a scale that shrinks the images to nothing (or, with
             ``max_pixels``, enlarges them beyond it) names (see :func:`check_scales`).
         max_pixels: refuse scales whose resized batch has more pixels (``--max-pixels``); None: no limit.
+        flip_pairs: the class pairs a mirror swaps (``DatasetSpec.flip_pairs``): with ``flip``, the mirrored
+            image's logits have the two channels of each pair exchanged before they are averaged. A pair beyond
+            the model's ``K`` classes raises ``ValueError``.
     """
     if not scales:
         raise ValueError("scales must list at least one scale factor")
@@ -150,6 +157,9 @@ def predict_logits(
                     logits = upsample_logits(logits, size)
             if mirrored:
                 logits = logits.flip(-1)
+                if flip_pairs:
+                    channels = torch.from_numpy(mirrored_class_ids(logits.shape[1], flip_pairs))
+                    logits = logits.index_select(1, channels.to(logits.device))
             total = logits if total is None else total + logits
     return total / (len(scales) * (2 if flip else 1))
 
