@@ -37,7 +37,7 @@ from tqdm import tqdm
 from dataset.predictions import save_label_png, save_paletted_png
 from dataset.registry import get_dataset, per_dataset
 from dataset.segmentation import IGNORE_LABEL, DataError
-from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
+from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
                              inference_model, load_snapshot)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_positive_int, run_main

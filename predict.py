@@ -23,7 +23,7 @@ import torch
 from dataset.predictions import overlay, save_paletted_png
 from dataset.registry import get_dataset
 from dataset.transforms import image_to_tensor
-from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
+from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
                              inference_model)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_fraction, run_main
