@@ -20,8 +20,10 @@ interrupted :func:`save_checkpoint` left).
 """
 import errno
 import fcntl
+import fnmatch
 import os
-import tempfile
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
@@ -35,7 +37,10 @@ OPTIONAL_SUFFIX = "num_batches_tracked"  # absent from old checkpoints; batch co
 PathLike = Union[str, os.PathLike]
 
 
-TEMPORARY_SUFFIX = ".tmp"  # save_checkpoint writes ``.<name>.<random>.tmp`` next to ``<name>`` first
+# save_checkpoint writes ``.<name>.<8 hex digits>.tmp`` next to ``<name>`` first; only names of exactly that form
+# are temporary files of ours (a user's ``.notes.tmp`` is not).
+TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}" + re.escape(TEMPORARY_SUFFIX))
 
 
 class CheckpointError(RuntimeError):
@@ -77,7 +82,7 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    handle, temporary = _create_temporary(path)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
@@ -95,6 +100,17 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
         raise CheckpointError(f"checkpoint {path}: not written: {reason}") from error
 
 
+def _create_temporary(path: Path):
+    """(descriptor, path) of a new file ``.<name>.<8 random hex digits>.tmp`` next to ``path``, opened for writing
+    with mode 0600 (see :data:`TEMPORARY_NAME`)."""
+    while True:
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), str(temporary)
+        except FileExistsError:
+            continue
+
+
 def _os_error_in(error: BaseException) -> Optional[OSError]:
     """The ``OSError`` that ``error`` is or was raised from (torch's zip writer turns a failed ``write`` into a
     ``RuntimeError`` whose context is the ``OSError``), else None."""
@@ -107,13 +123,15 @@ def _os_error_in(error: BaseException) -> Optional[OSError]:
     return None
 
 
-def remove_temporary_files(folder: PathLike) -> List[str]:
+def remove_temporary_files(folder: PathLike, targets: str = "*") -> List[str]:
     """Delete the temporary files that :func:`save_checkpoint` leaves in ``folder`` when its process is killed
-    mid-write (``.<name>.<random>.tmp``); returns their paths. Call it while holding the folder's
+    mid-write: exactly the names ``.<name>.<8 hex digits>.tmp`` whose ``<name>`` matches the glob ``targets``
+    (other files ending in ``.tmp`` stay); returns their paths. Call it while holding the folder's
     :class:`FolderLock` (another run's file being written would go too)."""
     removed = []
     for temporary in sorted(Path(folder).glob(f".*{TEMPORARY_SUFFIX}")):
-        if temporary.is_file():
+        match = TEMPORARY_NAME.fullmatch(temporary.name)
+        if match and fnmatch.fnmatchcase(match["target"], targets) and temporary.is_file():
             temporary.unlink()
             removed.append(str(temporary))
     return removed
