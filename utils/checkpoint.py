@@ -201,8 +201,9 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
 
 @dataclass
 class LoadReport:
-    """What :func:`load_model_weights` did. ``skipped``: ``fc.*`` of ImageNet weights; ``not_loaded``: the model
-    keys intentionally left alone (the heads, for backbone-only weights)."""
+    """What :func:`load_model_weights` did. ``skipped``: ``fc.*`` of ImageNet weights, training-only keys the model
+    lacks; ``not_loaded``: the model keys intentionally left alone (the heads, for backbone-only weights; training-only
+    modules the checkpoint lacks)."""
 
     source: str
     backbone_only: bool
@@ -218,7 +219,7 @@ class LoadReport:
         if self.skipped:
             text += f"; skipped {len(self.skipped)} ({_examples(self.skipped)})"
         if self.not_loaded:
-            text += f"; {len(self.not_loaded)} head keys keep their initialization"
+            text += f"; {len(self.not_loaded)} keys keep their initialization ({_examples(self.not_loaded, 2)})"
         if self.missing:
             text += f"; MISSING {len(self.missing)} ({_examples(self.missing)})"
         if self.unexpected:
@@ -295,8 +296,14 @@ def load_model_weights(
         state = {key: value for key, value in state.items() if not key.startswith(model_keys.imagenet_classifier)}
         targets = {key: value for key, value in targets.items() if not key.startswith(model_keys.head_prefixes)}
 
-    report.missing = [key for key in targets if key not in state and not key.endswith(OPTIONAL_SUFFIX)]
-    report.unexpected = [key for key in state if key not in targets]
+    # modules only a training loss uses (the CCL projection): fresh when the checkpoint lacks them, dropped when the
+    # model lacks them
+    training_only = model_keys.training_only
+    report.skipped += [key for key in state if key.startswith(training_only) and key not in targets]
+    report.not_loaded += [key for key in targets if key.startswith(training_only) and key not in state]
+    report.missing = [key for key in targets if key not in state and not key.endswith(OPTIONAL_SUFFIX)
+                      and key not in report.not_loaded]
+    report.unexpected = [key for key in state if key not in targets and key not in report.skipped]
     mismatches = [
         f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(targets[key].shape)}"
         for key in state
