@@ -25,17 +25,17 @@ from dataset.spec import fill_unset
 from engine.train_step import (AMP_DTYPES, compile_forward_loss, fused_sgd_available, make_sgd, optimizer_step,
                                use_channels_last)
 from engine.training_data import TrainingBatches
-from engine.training_run import (FAILURES, TrainingError, log_on_main, on_main_process, resume_or_start,
-                                 run_folders_claimed, save_snapshot, snapshot_path, snapshot_state,
+from engine.training_run import (FAILURES, TrainingError, log_on_main, mean_loss_terms, on_main_process,
+                                 resume_or_start, run_folders_claimed, save_snapshot, snapshot_path, snapshot_state,
                                  void_batch_processes)
 from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import load_model_weights
 from utils.cli import (ArgumentParser, parse_auto_bool, parse_bool, parse_fraction, parse_non_negative_int,
-                       parse_positive_float, parse_positive_int, parse_size, run_main)
-from utils.distributed import DistInfo, add_gpu_argument, all_reduce_sum, apply_gpu_choice, is_main_process, process_group
+                       parse_numbers, parse_positive_float, parse_positive_int, parse_size, run_main)
+from utils.distributed import DistInfo, add_gpu_argument, apply_gpu_choice, is_main_process, process_group
 from utils.logger import TrainingLogger
-from utils.loss import CriterionDSN
+from utils.loss import CategoryConsistentLoss, CriterionDSN
 from utils.rng import gather_rng_states
 from utils.schedule import poly_lr, set_lr
 
@@ -106,6 +106,16 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--random-seed", type=int, default=1234,
                        help="seed of the initialization, the data order and the augmentations")
 
+    ccl = parser.add_argument_group("category consistent loss (the TPAMI version's; docs/training.md)")
+    ccl.add_argument("--ccl", type=parse_bool, default=False, metavar="0|1",
+                     help="add the category consistent loss of a 1x1 projection of the context head's output "
+                          "(0: the ICCV recipe)")
+    ccl.add_argument("--ccl-dim", type=parse_positive_int, default=16, help="CCL: the embedding's channels")
+    ccl.add_argument("--ccl-margins", type=parse_numbers(2), default=(0.5, 1.5), metavar="DELTA_V,DELTA_D",
+                     help="CCL: the variance and distance margins, 0 <= delta_v < delta_d")
+    ccl.add_argument("--ccl-weights", type=parse_numbers(3), default=(1.0, 1.0, 0.001), metavar="ALPHA,BETA,GAMMA",
+                     help="CCL: the weights of the variance, distance and regularization terms")
+
     speed = parser.add_argument_group("speed (the same training, computed faster; see docs/training.md)")
     speed.add_argument("--channels-last", type=parse_auto_bool, default=None, metavar="auto|1|0",
                        help="model and input batches in the channels_last (NHWC) memory format; auto: on for CUDA "
@@ -138,6 +148,8 @@ def parse_args(argv=None):
     if 0 <= args.ignore_label < args.num_classes:
         parser.error(f"--ignore-label {args.ignore_label} is a class id (0..{args.num_classes - 1}): pick a value "
                      "outside, e.g. 255 or -1")
+    if not args.ccl_margins[0] < args.ccl_margins[1]:
+        parser.error(f"--ccl-margins {','.join(map(str, args.ccl_margins))}: delta_v must be below delta_d")
     if args.log_dir is None:
         args.log_dir = os.path.join(args.snapshot_dir, "logs")
     return args
@@ -157,7 +169,8 @@ def _norm_kind(requested: str, world_size: int, device: torch.device) -> str:
 
 def _build(args, norm: str, device: torch.device, channels_last: bool, log):
     torch.manual_seed(args.random_seed)  # the same initial weights on every rank
-    model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, norm)
+    model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, norm,
+                        embedding_dim=args.ccl_dim if args.ccl else 0)
     if args.resume is None and args.restore_from:
         log(load_model_weights(model, args.restore_from).summary())
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -205,9 +218,11 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
     if world_size > 1:  # with R = 0 the attention's parameters receive no gradient
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=args.model == "ccnet" and args.recurrence == 0)
+    ccl = (CategoryConsistentLoss(*args.ccl_margins, *args.ccl_weights, ignore_index=args.ignore_label)
+           if args.ccl else None)
     criterion = CriterionDSN(args.ignore_label, ohem=args.ohem, ohem_thresh=args.ohem_thres,
-                             ohem_keep=args.ohem_keep)
-    forward_and_loss = compile_forward_loss(network, criterion, amp_dtype, args.compile)
+                             ohem_keep=args.ohem_keep, ccl=ccl)
+    forward_and_loss = compile_forward_loss(network, criterion, amp_dtype, args.compile, with_terms=True)
     log(f"training {args.model}/{args.backbone} (norm {norm}) on {world_size} process(es), "
         f"{device.type}, {args.batch_size // world_size} images each; {len(data)} samples, "
         f"{data.iterations_per_epoch} iterations per epoch; iterations {start_iteration + 1}..{args.num_steps}")
@@ -237,11 +252,8 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
                 labels = labels.to(device, non_blocking=True)
                 lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
                 set_lr(optimizer, lr)
-                loss = forward_and_loss(images, labels)
-                # one all-reduce: the mean loss for the log, and whether any rank's loss is not finite
-                stats = all_reduce_sum(torch.stack([loss.detach().float(),
-                                                    (~torch.isfinite(loss.detach())).float()]))
-                mean_loss, bad_ranks = stats[0].item() / world_size, int(stats[1].item())
+                loss, terms = forward_and_loss(images, labels)
+                mean_loss, mean_terms, bad_ranks = mean_loss_terms(loss, terms, world_size)
                 if bad_ranks:
                     raise TrainingError(f"non-finite loss at iteration {done} (on {bad_ranks} process(es)); "
                                         f"stopped. Last good snapshot: {last_snapshot or 'none written yet'}")
@@ -250,7 +262,7 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
                     seconds = time.perf_counter() - first_started
                     logger.message(f"iteration {done} (the first of this run) took {seconds:.1f} s"
                                    + (", torch.compile included" if args.compile else ""))
-                logger.log(done, loss=mean_loss, lr=lr)
+                logger.log(done, loss=mean_loss, lr=lr, terms=mean_terms)
             if done % args.save_pred_every == 0 or done == args.num_steps:
                 rng_states = gather_rng_states(device, world_size)
                 path = snapshot_path(args.snapshot_dir, done)

@@ -36,7 +36,8 @@ RUN_ID_FILE = "run_id"  # in --log-dir: the id of the run whose log the folder h
 # Flags whose change makes a resumed run differ from the uninterrupted one (warned about on --resume).
 RUN_DEFINING_FLAGS = ("dataset", "data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
                       "power", "num_steps", "recurrence", "ohem", "ohem_thres", "ohem_keep", "random_mirror",
-                      "random_scale", "random_seed", "num_classes", "backbone", "model", "amp")
+                      "random_scale", "random_seed", "num_classes", "backbone", "model", "amp", "ccl", "ccl_dim",
+                      "ccl_margins", "ccl_weights")
 
 Log = Callable[[str], None]
 
@@ -294,6 +295,18 @@ def resume_or_start(args, model: torch.nn.Module, optimizer, scaler, rank: int, 
                             f"{args.num_steps}: nothing to do")
     log(f"resumed from {args.resume} at iteration {start_iteration}")
     return start_iteration
+
+
+# ------------------------------------------------------------------------------------------------- the loss
+def mean_loss_terms(loss: torch.Tensor, terms: dict, world_size: int) -> tuple:
+    """(the loss averaged over the processes, each of ``terms`` averaged likewise (name -> float), the number of
+    processes whose loss is not finite), in ONE all-reduce (a collective). ``loss`` a scalar tensor, ``terms``
+    name -> scalar tensor, the same names on every process."""
+    values = [loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
+              *(value.detach().float() for value in terms.values())]
+    sums = all_reduce_sum(torch.stack(values)).tolist()
+    means = {name: total / world_size for name, total in zip(terms, sums[2:])}
+    return sums[0] / world_size, means, int(sums[1])
 
 
 # ------------------------------------------------------------------------------------------------- the save

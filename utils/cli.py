@@ -16,6 +16,7 @@ The ``parse_*`` functions and :func:`csv_choices` are argparse ``type=`` callabl
 ``argparse.ArgumentTypeError`` with a message that shows what was expected.
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -181,6 +182,20 @@ def csv_choices(choices: Sequence[str]) -> Callable[[str], List[str]]:
         unknown = [value for value in values if value not in choices]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return values
+    return parse
+
+
+def parse_numbers(count: int, minimum: float = 0.0) -> Callable[[str], Tuple[float, ...]]:
+    """A parser of exactly ``count`` comma-separated numbers, each >= ``minimum``: ``parse_numbers(2)("0.5,1.5")``
+    -> ``(0.5, 1.5)``."""
+    def parse(text: str) -> Tuple[float, ...]:
+        try:
+            values = tuple(float(value) for value in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count or not all(math.isfinite(value) and value >= minimum for value in values):
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers >= {minimum:g}, got {text!r}")
         return values
     return parse
 
