@@ -328,3 +328,19 @@ def test_label_problems():
     assert not all_void and message == ("iteration 5: the label of b.png (train.lst) holds train id 7, outside 0..3 "
                                         "of --num-classes 4 (the void label 255 aside): pass the dataset's number of "
                                         "classes, or fix the label")
+
+
+# ------------------------------------------------------------------------------------------- through train.py
+def test_train_refuses_to_resume_run_a_into_run_bs_folder(training_demo, tmp_path, failed_run):
+    import train  # the one test here that runs the script's main (in-process), for the whole path
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    assert train.main(training_demo.training_argv(run_a, steps=1)) == 0
+    assert train.main(training_demo.training_argv(run_b, "--random-seed", "7", steps=2)) == 0
+    before = {path: path.read_bytes() for path in [*run_b.glob("*.pth"), run_b / "logs" / "train_log.csv"]}
+    error = failed_run(train.main, training_demo.training_argv(run_b, "--resume", str(run_a / "CS_scenes_1.pth"),
+                                                               steps=2))
+    assert error.startswith(f"--snapshot-dir {run_b} holds snapshots of another run (run ")
+    assert {path: path.read_bytes() for path in before} == before
+    # into its own folder it continues
+    assert train.main(training_demo.training_argv(run_a, "--resume", str(run_a / "CS_scenes_1.pth"), steps=2)) == 0
+    assert snapshot_run_id(run_a / "CS_scenes_2.pth") == snapshot_run_id(run_a / "CS_scenes_1.pth") is not None
