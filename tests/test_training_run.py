@@ -1,7 +1,7 @@
 """engine.training_run's policies, each without running train.py: the folder locks (snapshot and log folder), the
 refusal or clearing of an earlier run, the run identity that refuses a --resume into another run's folders, the
 clean-up of our own temporary files only, resume (weights, optimizer, scaler, RNG, the argument diff), the finite
-save, the rank-0 relay and the label checks."""
+save, the rank-0 relay and the label checks; and, through train.py's main, a --resume into another run's folder."""
 import argparse
 import errno
 import os
