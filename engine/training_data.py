@@ -33,7 +33,8 @@ class TrainingBatches:
                                      f"global batch of {args.batch_size} over {world_size} processes")
         self.loader = DataLoader(self.dataset, batch_size=per_process, sampler=self.sampler,
                                  num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                                 worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(args.random_seed))
+                                 worker_init_fn=worker_init_fn,
+                                 generator=torch.Generator().manual_seed(args.random_seed))
 
     def __len__(self) -> int:
         """The number of samples in the list."""

@@ -63,8 +63,9 @@ def claim(snapshot_dir, log_dir=None, resume=None, overwrite=False, messages=Non
 def test_a_run_locks_its_snapshot_and_log_folders(tmp_path):
     folders = claim(tmp_path / "a", tmp_path / "logs")
     try:
+        held = rf"\({tmp_path / 'a' / '.lock'} is held by process {os.getpid()}\)"
         with pytest.raises(TrainingError, match=rf"^--snapshot-dir {tmp_path / 'a'} is in use by another training "
-                                                rf"run \({tmp_path / 'a' / '.lock'} is held by process {os.getpid()}\)"):
+                                                rf"run {held}"):
             claim(tmp_path / "a", tmp_path / "other_logs")
         # a second run elsewhere that names the live run's log folder (with --overwrite-snapshots) is refused too
         write_log(tmp_path / "logs")
