@@ -44,8 +44,8 @@ from tqdm import tqdm
 from dataset.predictions import save_label_png, save_paletted_png
 from dataset.registry import get_dataset, per_dataset
 from dataset.segmentation import IGNORE_LABEL, DataError
-from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
-                             check_tile_size, inference_model, load_snapshot)
+from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments,
+                                    build_and_load, check_tile_size, inference_model, load_snapshot)
 from utils.checkpoint import CHECKSUM_KEY, CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_path, parse_positive_int, run_main
 from utils.distributed import (add_collective_timeout_argument, all_reduce_sum, apply_gpu_choice, barrier,

@@ -27,7 +27,7 @@ from dataset.registry import get_dataset, per_dataset
 from dataset.transforms import IMG_MEAN_BGR
 from engine.onnx_export import (INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, compare_with_onnxruntime,
                                 export_onnx)
-from engine.snapshot import add_model_arguments, build_and_load, load_snapshot
+from engine.inference_model import add_model_arguments, build_and_load, load_snapshot
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_max_pixels_argument, check_pixels, parse_path, parse_size, run_main
 from utils.outputs import atomic_output, check_output_file

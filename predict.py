@@ -30,8 +30,8 @@ from dataset.predictions import overlay, save_paletted_png
 from dataset.registry import get_dataset
 from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
-from engine.snapshot import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
-                             check_tile_size, inference_model, load_snapshot)
+from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments,
+                                    build_and_load, check_tile_size, inference_model, load_snapshot)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_fraction, parse_path, path_problem, run_main
 from utils.distributed import apply_gpu_choice

@@ -15,6 +15,7 @@
 #
 # GPU_IDS=cpu (with NPROC processes, default 1) runs the same recipe on the CPU, e.g. to check a set-up.
 # RESUME=SNAPSHOT_DIR/CS_scenes_<iter>.pth continues an interrupted run (train.py --resume), then evaluates.
+# CCL=1 trains with the category consistent loss of the TPAMI version (train.py --ccl 1), the demo too.
 # Every number is an environment variable, e.g. `STEPS=40000 BS=16 GPU_IDS=0,1 ./run_local.sh /data/cityscapes`
 # or `DEMO_STEPS=50 ./run_local.sh`. PYTHON (default .venv/bin/python if present, else python3) runs everything.
 set -euo pipefail
@@ -27,6 +28,7 @@ start=$SECONDS
 # (even a data-loading worker) makes PyTorch many times slower (measured on 2 cores: 14 s instead of 0.5 s a step).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 DATASET=${DATASET:-cityscapes}
+CCL=${CCL:-0}
 
 if [[ $# -ge 1 ]]; then
     DATA_PATH=$1
@@ -96,7 +98,7 @@ if [[ $# -ge 1 ]]; then
         --restore-from "$RESTORE_FROM" --random-mirror --random-scale \
         --input-size "$INPUT_SIZE" --learning-rate "$LR" --weight-decay "$WD" --batch-size "$BS" \
         --num-steps "$STEPS" --recurrence "$RECURRENCE" \
-        --ohem "$OHEM" --ohem-thres "$OHEM_THRES" --ohem-keep "$OHEM_KEEP" \
+        --ohem "$OHEM" --ohem-thres "$OHEM_THRES" --ohem-keep "$OHEM_KEEP" --ccl "$CCL" \
         --num-workers "$NUM_WORKERS" --snapshot-dir "$SNAPSHOT_DIR" ${RESUME:+--resume "$RESUME"} "${DEVICE[@]}"
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" evaluate.py \
         --dataset "$DATASET" --data-dir "$DATA_PATH" --data-list "$VAL_LIST" --model ccnet --backbone "$BACKBONE" \
@@ -125,12 +127,13 @@ echo "== 1/3 generating $DEMO_TRAIN + $DEMO_VAL synthetic ${DEMO_HEIGHT}x${DEMO_
 "$PYTHON" -m dataset.generate_demo "$DEMO_DATA" --dataset "$DATASET" --num-train "$DEMO_TRAIN" --num-val "$DEMO_VAL" \
     --height "$DEMO_HEIGHT" --width "$DEMO_WIDTH"
 rm -rf "$DEMO_RUN/snapshots" "$DEMO_RUN/predictions"  # a fresh run, not a resumed one
-echo "== 2/3 training the tiny CCNet (R=2) on the CPU: $DEMO_STEPS steps, batch $DEMO_BS, crops $DEMO_CROP"
+echo "== 2/3 training the tiny CCNet (R=2$([[ "$CCL" == 1 ]] && echo ", CCL")) on the CPU: $DEMO_STEPS steps," \
+     "batch $DEMO_BS, crops $DEMO_CROP"
 "$PYTHON" train.py --dataset "$DATASET" --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/train.lst" --backbone tiny \
     --restore-from '' \
     --random-mirror --random-scale --input-size "$DEMO_CROP" --batch-size "$DEMO_BS" --num-steps "$DEMO_STEPS" \
     --learning-rate "$DEMO_LR" --recurrence 2 --num-workers 1 --snapshot-dir "$DEMO_RUN/snapshots" \
-    --save-pred-every "$DEMO_STEPS"
+    --save-pred-every "$DEMO_STEPS" --ccl "$CCL"
 echo "== 3/3 evaluating $DEMO_RUN/snapshots/CS_scenes_$DEMO_STEPS.pth on $DEMO_DATA/val.lst"
 "$PYTHON" evaluate.py --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/val.lst" --backbone tiny --recurrence 2 \
     --restore-from "$DEMO_RUN/snapshots/CS_scenes_$DEMO_STEPS.pth" --whole --num-workers 0 \

@@ -29,7 +29,7 @@ from dataset.predictions import overlay
 from dataset.registry import get_dataset
 from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
-from engine.snapshot import add_model_arguments, add_speed_arguments, build_and_load, inference_model, load_snapshot
+from engine.inference_model import add_model_arguments, add_speed_arguments, build_and_load, inference_model, load_snapshot
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_max_pixels_argument, parse_path, parse_point, parse_positive_float, run_main
 from utils.distributed import apply_gpu_choice
@@ -44,7 +44,7 @@ MAX_PIXELS = 2 ** 24
 
 
 def capture_attention(model, images: torch.Tensor, runner=None) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Run ``model`` (or ``runner``, e.g. an ``engine.snapshot.InferenceModel`` of it) on ``(1, 3, H, W)`` images;
+    """Run ``model`` (or ``runner``, e.g. an ``engine.inference_model.InferenceModel`` of it) on ``(1, 3, H, W)`` images;
     returns the attention of every criss-cross loop, each ``(1, h+w-1, h, w)`` (softmax over dim 1, recomputed in
     float32), and the main logits ``(1, K, h, w)``."""
     cca = model.head.cca

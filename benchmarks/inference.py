@@ -7,7 +7,7 @@ and channels_last, tiles one at a time or batched.
 
 What evaluate.py and predict.py run for an image: ``utils.inference.predict_logits`` (sliding window of ``--tile``
 tiles with 1/3 overlap, or the whole image) of the model in eval mode (without the auxiliary head) wrapped in
-``engine.snapshot.InferenceModel`` (the memory format, autocast, float32 logits), from a preprocessed image already
+``engine.inference_model.InferenceModel`` (the memory format, autocast, float32 logits), from a preprocessed image already
 on the device to the full-resolution logits; reading and writing files are not timed. Every combination of the
 comma-separated ``--modes``, ``--layouts``, ``--amp`` and ``--tile-batch`` values (the tile batch for sliding rows
 only) is a row, in one process (one model, converted between the layouts): ``--warmup`` untimed calls (cuDNN's
@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from benchmarks.measure import PeakMemory, add_device_argument, count_gflops, describe_device, time_calls, write_lines
-from engine.snapshot import InferenceModel
+from engine.inference_model import InferenceModel
 from engine.train_step import AMP_DTYPES
 from networks import BACKBONES, build_model
 from utils.cli import (EXIT_OK, ArgumentParser, csv_choices, csv_of, parse_bool, parse_non_negative_int,

@@ -17,14 +17,20 @@ from torch import nn
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def forward_loss(network, criterion, images: torch.Tensor, labels: torch.Tensor, amp_dtype) -> torch.Tensor:
+def forward_loss(network, criterion, images: torch.Tensor, labels: torch.Tensor, amp_dtype, with_terms: bool = False):
     """The forward pass (under autocast when ``amp_dtype`` is set) and the loss (float32).
 
-    images (N, 3, H, W) preprocessed, labels (N, H, W) int64 train ids -> scalar loss.
+    images (N, 3, H, W) preprocessed, labels (N, H, W) int64 train ids -> scalar loss, ``criterion(preds, labels)``;
+    ``with_terms``: ``(loss, terms)`` from one ``criterion.terms(preds, labels)``: the loss is its ``total``, ``terms``
+    the other entries (the loss's parts for the log), detached.
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         preds = network(images)
-    return criterion(preds, labels)
+    if not with_terms:
+        return criterion(preds, labels)
+    terms = criterion.terms(preds, labels)
+    loss = terms.pop("total")
+    return loss, {name: value.detach() for name, value in terms.items()}
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
@@ -36,27 +42,31 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
 
 
 class ForwardLoss(nn.Module):
-    """``forward(images, labels) -> loss``: :func:`forward_loss` of ``network`` and ``criterion`` as one module, so
-    that ``torch.compile`` sees (and fuses) the forward pass and the loss together."""
+    """``forward(images, labels) -> loss`` (``with_terms``: ``(loss, terms)``): :func:`forward_loss` of ``network``
+    and ``criterion`` as one module, so that ``torch.compile`` sees (and fuses) the forward pass and the loss
+    together."""
 
-    def __init__(self, network: nn.Module, criterion: nn.Module, amp_dtype: Optional[torch.dtype] = None):
+    def __init__(self, network: nn.Module, criterion: nn.Module, amp_dtype: Optional[torch.dtype] = None,
+                 with_terms: bool = False):
         super().__init__()
         self.network = network
         self.criterion = criterion
         self.amp_dtype = amp_dtype
+        self.with_terms = with_terms
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return forward_loss(self.network, self.criterion, images, labels, self.amp_dtype)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        return forward_loss(self.network, self.criterion, images, labels, self.amp_dtype, self.with_terms)
 
 
 def compile_forward_loss(network: nn.Module, criterion: nn.Module, amp_dtype: Optional[torch.dtype],
-                         compiled: bool) -> nn.Module:
-    """The :class:`ForwardLoss` of the step, ``torch.compile``'d when ``compiled``.
+                         compiled: bool, with_terms: bool = False) -> nn.Module:
+    """The :class:`ForwardLoss` of the step (``with_terms``: it also returns the loss's parts), ``torch.compile``'d
+    when ``compiled``.
 
     ``network`` may be the DistributedDataParallel-wrapped model (wrap first, then compile: PyTorch's documented
     order). Compilation happens at the first call (forward) and the first backward: the first step takes that long.
     Anything the compiler cannot capture (e.g. OHEM's data-dependent threshold) runs eagerly between graphs."""
-    step = ForwardLoss(network, criterion, amp_dtype)
+    step = ForwardLoss(network, criterion, amp_dtype, with_terms)
     return torch.compile(step) if compiled else step
 
 

@@ -45,9 +45,15 @@ class ContextHead(nn.Module):
         """``(N, inter_channels, h, w) -> (N, inter_channels, h, w)``."""
         return x
 
+    def forward_with_context(self, x: torch.Tensor):
+        """``(logits (N, num_classes, h, w), context (N, inter_channels, h, w))``: the logits and the context block's
+        output (after RCCA's R loops), which the category consistent loss reads."""
+        context = self.context(self.conva(x))
+        out = self.convb(context)
+        return self.bottleneck(torch.cat([x, out], dim=1)), context
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.convb(self.context(self.conva(x)))
-        return self.bottleneck(torch.cat([x, out], dim=1))
+        return self.forward_with_context(x)[0]
 
 
 class RCCAHead(ContextHead):

@@ -15,7 +15,7 @@ import evaluate
 from dataset.cityscapes import CITYSCAPES
 from dataset.labels import CLASS_NAMES, NUM_CLASSES, PALETTE, label_ids_to_train_ids, train_ids_to_label_ids
 from dataset.predictions import save_label_png, save_paletted_png
-from engine.snapshot import resolve_model_args
+from engine.inference_model import resolve_model_args
 from networks import build_model
 from utils.checkpoint import save_checkpoint
 from utils.distributed import shard

@@ -11,7 +11,7 @@ from PIL import Image
 import predict
 import visualize_attention
 from dataset.transforms import image_to_tensor
-from engine.snapshot import InferenceModel
+from engine.inference_model import InferenceModel
 from networks import build_model
 from utils.checkpoint import save_checkpoint
 

@@ -7,6 +7,7 @@ import torch
 
 import train
 from engine.train_step import load_optimizer_state, make_sgd, use_channels_last
+from engine.training_run import check_resumed_args, load_scaler_state
 from utils.checkpoint import CHECKSUM_KEY, load_checkpoint
 from utils.cli import EXIT_USAGE
 from utils.distributed import apply_gpu_choice
@@ -61,10 +62,10 @@ def test_non_finite_loss_stops_with_the_iteration(training_demo, tmp_path, monke
     class NanAtThirdIteration(train.CriterionDSN):
         calls = 0
 
-        def forward(self, preds, target):
+        def terms(self, preds, target):
             NanAtThirdIteration.calls += 1
-            loss = super().forward(preds, target)
-            return loss * float("nan") if NanAtThirdIteration.calls == 3 else loss
+            terms = super().terms(preds, target)
+            return {**terms, "total": terms["total"] * float("nan")} if NanAtThirdIteration.calls == 3 else terms
 
     monkeypatch.setattr(train, "CriterionDSN", NanAtThirdIteration)
     error = failed_run(train.main, training_demo.training_argv(tmp_path, "--save-pred-every", "2"))
@@ -134,16 +135,16 @@ def test_resume_tolerates_an_amp_change_and_list_sizes():
     messages = []
     saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=128.0)
     enabled, disabled = torch.amp.GradScaler("cpu", enabled=True), torch.amp.GradScaler("cpu", enabled=False)
-    train._load_scaler_state(enabled, disabled.state_dict(), messages.append)  # off -> fp16: {} saved
-    train._load_scaler_state(disabled, saved.state_dict(), messages.append)  # fp16 -> off
+    load_scaler_state(enabled, disabled.state_dict(), messages.append)  # off -> fp16: {} saved
+    load_scaler_state(disabled, saved.state_dict(), messages.append)  # fp16 -> off
     assert len(messages) == 2 and all("scaler starts afresh" in text for text in messages)
     messages.clear()
-    train._load_scaler_state(enabled, saved.state_dict(), messages.append)
+    load_scaler_state(enabled, saved.state_dict(), messages.append)
     assert messages == [] and enabled.get_scale() == 128.0
     args = train.parse_args(["--input-size", "48,96"])
-    train._check_resumed_args({"input_size": [48, 96], "amp": "off"}, args, messages.append)
+    check_resumed_args({"input_size": [48, 96], "amp": "off"}, args, messages.append)
     assert messages == []
-    train._check_resumed_args({"input_size": [48, 64]}, args, messages.append)
+    check_resumed_args({"input_size": [48, 64]}, args, messages.append)
     assert len(messages) == 1 and "--input-size" in messages[0]
 
 

@@ -27,9 +27,11 @@ interrupted :func:`save_checkpoint` left).
 """
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import os
-import tempfile
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
@@ -45,7 +47,10 @@ OPTIONAL_SUFFIX = "num_batches_tracked"  # absent from old checkpoints; batch co
 PathLike = Union[str, os.PathLike]
 
 
-TEMPORARY_SUFFIX = ".tmp"  # save_checkpoint writes ``.<name>.<random>.tmp`` next to ``<name>`` first
+# save_checkpoint writes ``.<name>.<8 hex digits>.tmp`` next to ``<name>`` first; only names of exactly that form
+# are temporary files of ours (a user's ``.notes.tmp`` is not).
+TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}" + re.escape(TEMPORARY_SUFFIX))
 
 
 CHECKSUM_KEY = "tensor_checksum"  # in our snapshots: "blake2b:<hex>" of every tensor (tensor_checksum)
@@ -148,7 +153,7 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    handle, temporary = _create_temporary(path)
     state = {**state, CHECKSUM_KEY: tensor_checksum(state)}
     try:
         with os.fdopen(handle, "wb") as file:
@@ -167,6 +172,17 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
         raise CheckpointError(f"checkpoint {path}: not written: {reason}") from error
 
 
+def _create_temporary(path: Path):
+    """(descriptor, path) of a new file ``.<name>.<8 random hex digits>.tmp`` next to ``path``, opened for writing
+    with mode 0600 (see :data:`TEMPORARY_NAME`)."""
+    while True:
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), str(temporary)
+        except FileExistsError:
+            continue
+
+
 def os_error_in(error: BaseException) -> Optional[OSError]:
     """The ``OSError`` that ``error`` is or was raised from (torch's zip writer turns a failed ``write`` into a
     ``RuntimeError`` whose context is the ``OSError``), else None."""
@@ -179,13 +195,15 @@ def os_error_in(error: BaseException) -> Optional[OSError]:
     return None
 
 
-def remove_temporary_files(folder: PathLike) -> List[str]:
+def remove_temporary_files(folder: PathLike, targets: str = "*") -> List[str]:
     """Delete the temporary files that :func:`save_checkpoint` leaves in ``folder`` when its process is killed
-    mid-write (``.<name>.<random>.tmp``); returns their paths. Call it while holding the folder's
+    mid-write: exactly the names ``.<name>.<8 hex digits>.tmp`` whose ``<name>`` matches the glob ``targets``
+    (other files ending in ``.tmp`` stay); returns their paths. Call it while holding the folder's
     :class:`FolderLock` (another run's file being written would go too)."""
     removed = []
     for temporary in sorted(Path(folder).glob(f".*{TEMPORARY_SUFFIX}")):
-        if temporary.is_file():
+        match = TEMPORARY_NAME.fullmatch(temporary.name)
+        if match and fnmatch.fnmatchcase(match["target"], targets) and temporary.is_file():
             temporary.unlink()
             removed.append(str(temporary))
     return removed
@@ -261,8 +279,9 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
 
 @dataclass
 class LoadReport:
-    """What :func:`load_model_weights` did. ``skipped``: ``fc.*`` of ImageNet weights; ``not_loaded``: the model
-    keys intentionally left alone (the heads, for backbone-only weights)."""
+    """What :func:`load_model_weights` did. ``skipped``: ``fc.*`` of ImageNet weights, training-only keys the model
+    lacks; ``not_loaded``: the model keys intentionally left alone (the heads, for backbone-only weights; training-only
+    modules the checkpoint lacks)."""
 
     source: str
     backbone_only: bool
@@ -279,7 +298,7 @@ class LoadReport:
         if self.skipped:
             text += f"; skipped {len(self.skipped)} ({_examples(self.skipped)})"
         if self.not_loaded:
-            text += f"; {len(self.not_loaded)} head keys keep their initialization"
+            text += f"; {len(self.not_loaded)} keys keep their initialization ({_examples(self.not_loaded, 2)})"
         if self.missing:
             text += f"; MISSING {len(self.missing)} ({_examples(self.missing)})"
         if self.unexpected:
@@ -357,8 +376,14 @@ def load_model_weights(
         state = {key: value for key, value in state.items() if not key.startswith(model_keys.imagenet_classifier)}
         targets = {key: value for key, value in targets.items() if not key.startswith(model_keys.head_prefixes)}
 
-    report.missing = [key for key in targets if key not in state and not key.endswith(OPTIONAL_SUFFIX)]
-    report.unexpected = [key for key in state if key not in targets]
+    # modules only a training loss uses (the CCL projection): fresh when the checkpoint lacks them, dropped when the
+    # model lacks them
+    training_only = model_keys.training_only
+    report.skipped += [key for key in state if key.startswith(training_only) and key not in targets]
+    report.not_loaded += [key for key in targets if key.startswith(training_only) and key not in state]
+    report.missing = [key for key in targets if key not in state and not key.endswith(OPTIONAL_SUFFIX)
+                      and key not in report.not_loaded]
+    report.unexpected = [key for key in state if key not in targets and key not in report.skipped]
     mismatches = [
         f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(targets[key].shape)}"
         for key in state

@@ -259,6 +259,20 @@ def csv_choices(choices: Sequence[str]) -> Callable[[str], List[str]]:
     return parse
 
 
+def parse_numbers(count: int, minimum: float = 0.0) -> Callable[[str], Tuple[float, ...]]:
+    """A parser of exactly ``count`` comma-separated numbers, each >= ``minimum``: ``parse_numbers(2)("0.5,1.5")``
+    -> ``(0.5, 1.5)``."""
+    def parse(text: str) -> Tuple[float, ...]:
+        try:
+            values = tuple(float(value) for value in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count or not all(math.isfinite(value) and value >= minimum for value in values):
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers >= {minimum:g}, got {text!r}")
+        return values
+    return parse
+
+
 def csv_of(parse: Callable[[str], object]) -> Callable[[str], list]:
     """A parser of comma-separated values, each read by ``parse``: ``csv_of(parse_positive_int)("2,8")`` -> ``[2, 8]``;
     an unreadable value gives ``parse``'s message."""

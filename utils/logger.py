@@ -36,26 +36,38 @@ def _truncate_csv(path: str, last_iteration: int) -> None:
 
 
 def _complete_row(row: list, columns: int) -> bool:
-    """Whether ``row`` has every column and a number in each (a row cut by a kill has not)."""
+    """Whether ``row`` has every column, an iteration and a number or nothing in each other cell (a row cut by a
+    kill has not; an empty cell is a column that run did not log, e.g. a loss term of a later version)."""
     if len(row) != columns:
         return False
     try:
         int(row[0])
         for value in row[1:]:
-            float(value)
+            if value:
+                float(value)
     except ValueError:
         return False
     return True
 
 
-class TrainingLogger:
-    """``log(iteration, loss=..., lr=...)`` after each step; ``close()`` at the end.
+def _csv_header(path: str) -> list:
+    """The column names of an existing CSV log ([] for a missing or empty file)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return next(csv.reader(handle), [])
 
-    ``log_dir`` receives the TensorBoard event files and ``train_log.csv`` (columns: iteration, the scalar names
-    in their first-call order, seconds since the start), flushed at every row: a killed run keeps its rows. On
-    resume (``start_step > 0``) the CSV keeps its rows up to ``start_step`` (those of an interrupted run after its
-    snapshot are dropped) and is appended to; so are the TensorBoard events. With ``enabled=False`` (the other
-    ranks) every method does nothing.
+
+class TrainingLogger:
+    """``log(iteration, loss=..., lr=...)`` after each step (``terms={...}``: the loss's parts, more columns);
+    ``close()`` at the end.
+
+    ``log_dir`` receives the TensorBoard event files (``train/<name>``) and ``train_log.csv`` (columns: iteration,
+    the scalar names in their first-call order, seconds since the start, then the names of ``terms``), flushed at
+    every row: a killed run keeps its rows. On resume (``start_step > 0``) the CSV keeps its rows up to
+    ``start_step`` (those of an interrupted run after its snapshot are dropped) and is appended to under its own
+    header: a column it lacks is not written (one warning), a column of it this run does not log stays empty; the
+    TensorBoard events are appended to as well. With ``enabled=False`` (the other ranks) every method does nothing.
     """
 
     CSV_NAME = "train_log.csv"
@@ -107,27 +119,34 @@ class TrainingLogger:
                 pass
 
     def _open_csv(self, fields: list[str]) -> None:
-        new_file = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
+        """Open the CSV for appending; a new file gets the header ``fields``, an existing one keeps its own."""
+        header = _csv_header(self.csv_path)
         self.csv_file = open(self.csv_path, "a", newline="", encoding="utf-8")
-        self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=["iteration", *fields, "elapsed_s"])
-        if new_file:
+        self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=header or fields, restval="", extrasaction="ignore")
+        if not header:
             self.csv_writer.writeheader()
+        not_written = [name for name in fields if name not in (header or fields)]
+        if not_written:
+            self.message(f"warning: {self.csv_path}: its columns ({', '.join(header)}) lack "
+                         f"{', '.join(not_written)}: those values go to TensorBoard only")
 
-    def log(self, iteration: int, **scalars: float) -> None:
-        """Record the scalars of 1-based ``iteration`` (the number of steps done)."""
+    def log(self, iteration: int, terms: dict | None = None, **scalars: float) -> None:
+        """Record the scalars of 1-based ``iteration`` (the number of steps done); ``terms`` (name -> value) are
+        logged like the scalars, their CSV columns after ``elapsed_s``."""
         if not self.enabled:
             return
+        terms = terms or {}
         if self.writer is not None:
             try:
-                for name, value in scalars.items():
+                for name, value in {**scalars, **terms}.items():
                     self.writer.add_scalar(f"train/{name}", value, iteration)
             except OSError as error:  # raised by the writer thread's failed write, here or at a later call
                 self._stop_tensorboard(iteration, error)
         if not self.csv_stopped:
             try:
                 if self.csv_writer is None:
-                    self._open_csv(list(scalars))
-                self.csv_writer.writerow({"iteration": iteration, **scalars,
+                    self._open_csv(["iteration", *scalars, "elapsed_s", *terms])
+                self.csv_writer.writerow({"iteration": iteration, **scalars, **terms,
                                           "elapsed_s": round(time.time() - self.start_time, 3)})
                 self.csv_file.flush()  # in the operating system's hands: survives the process being killed
             except OSError as error:  # e.g. a full disk: the log stops, the training goes on
