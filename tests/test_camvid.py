@@ -14,6 +14,8 @@ from dataset.make_lists import make_lists
 from dataset.registry import get_dataset
 from dataset.segmentation import IGNORE_LABEL, DataError, SegmentationDataset
 from dataset.transforms import preprocess_chw
+from networks import build_model
+from utils.loss import CriterionDSN
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,18 @@ def test_a_dataset_without_video_refuses_clips(demo_data):
     data = demo_data(num_train=1, num_val=1, height=32, width=64)
     with pytest.raises(ValueError, match="cityscapes has no video frames: the clip length must be 1, got 3"):
         get_dataset("cityscapes").dataset(data.root, data.train_list, clip_length=3)
+
+
+def test_a_video_training_step_on_generated_clips(camvid_demo):
+    """The batch the video network trains on: clips ``(N, T, 3, h, w)`` and the centre frames' labels ``(N, h, w)``
+    from a DataLoader; the network's outputs go to the image network's loss as they are."""
+    dataset = CAMVID.dataset(camvid_demo.root, camvid_demo.train_list, clip_length=3, crop_size=(32, 48),
+                             scale=True, mirror=True)
+    images, labels, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    assert images.shape == (2, 3, 3, 32, 48) and labels.shape == (2, 32, 48) and labels.dtype == torch.int64
+    torch.manual_seed(0)
+    model = build_model("ccnet", "tiny", num_classes=CAMVID.num_classes, norm="bn", clip_length=3).train()
+    torch.nn.init.constant_(model.head.cca.gamma, 0.5)
+    loss = CriterionDSN()(model(images), labels)
+    loss.backward()
+    assert torch.isfinite(loss) and model.head.cca.query_conv.weight.grad.abs().sum() > 0
