@@ -1,12 +1,15 @@
 """The 3-D (video) criss-cross attention: a dense masked-softmax oracle over every position of the clip, the
 original's double-counted position caught, gradients (analytic backward and autograd), awkward shapes, NCDHW and
-NDHWC, T = 1 against the 2-D op, the registered operators, torch.compile / torch.export, the block and the input
-checks."""
+NDHWC, T = 1 against the 2-D op, the registered operators, torch.compile / torch.export, the block, the input
+checks and the benchmark's baselines."""
 import pytest
 import torch
 
+from benchmarks import cc_attention_3d
+from benchmarks.cc_attention_3d import non_local_3d, plain_criss_cross_attention_3d
 from cc_attention import CrissCrossAttention3D, backends, criss_cross_attention, criss_cross_attention_3d
 from cc_attention.axes import criss_cross_attention_over_axes
+from networks import NonLocalBlock
 
 BACKENDS = ("auto", "reference")  # the registered operator and the autograd reference
 # (N, C', C, T, H, W): odd sizes, T = 1, H = 1, W = 1, all three 1, batch > 1
@@ -251,3 +254,31 @@ def test_environment_variable_naming_kernels_is_refused(monkeypatch):
         criss_cross_attention_3d(*[torch.randn(1, 2, 3, 4, 5)] * 3)
     monkeypatch.setenv(backends.ENV_VAR, "reference")
     assert criss_cross_attention_3d(*[torch.randn(1, 2, 3, 4, 5)] * 3).shape == (1, 2, 3, 4, 5)
+
+
+# --- the benchmark ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 3, 4, 5), (1, 2, 3, 1, 4, 3), (1, 2, 3, 3, 1, 1)])
+def test_the_benchmarks_plain_formulation_computes_the_op(shape):
+    """The benchmark's baseline (the original's bmm formulation, faults mended) is the op it is compared with."""
+    query, key, value = _inputs(shape)
+    torch.testing.assert_close(plain_criss_cross_attention_3d(query, key, value), dense_attention(query, key, value))
+
+
+def test_the_benchmarks_non_local_block_attends_over_the_whole_clip():
+    torch.manual_seed(0)
+    block = NonLocalBlock(8)
+    torch.nn.init.normal_(block.out.weight)
+    x = torch.randn(1, 8, 3, 4, 5)
+    changed = x.clone()
+    changed[:, :, 0, 0, 0] += 1  # one position of the first frame changes every position of the last
+    assert (non_local_3d(block, x)[:, :, 2] - non_local_3d(block, changed)[:, :, 2]).abs().min() > 0
+
+
+@pytest.mark.slow
+def test_the_benchmark_table_has_every_row():
+    table = cc_attention_3d.run_benchmark([1, 3], [5], 16, repeats=1, device="cpu", max_attention_gib=1e-6)
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 3 ")]
+    assert len(rows) == 2 * len(cc_attention_3d.ROWS)
+    assert sum("skipped: its attention matrix alone needs" in row for row in rows) == 2  # the non-local rows
+    assert not any("n/a" in row for row in rows)
