@@ -5,7 +5,7 @@ checks and the benchmark's baselines."""
 import pytest
 import torch
 
-from benchmarks import cc_attention_3d
+from benchmarks import cc_attention_3d, model_report
 from benchmarks.cc_attention_3d import non_local_3d, plain_criss_cross_attention_3d
 from cc_attention import CrissCrossAttention3D, backends, criss_cross_attention, criss_cross_attention_3d
 from cc_attention.axes import criss_cross_attention_over_axes
@@ -282,3 +282,17 @@ def test_the_benchmark_table_has_every_row():
     assert len(rows) == 2 * len(cc_attention_3d.ROWS)
     assert sum("skipped: its attention matrix alone needs" in row for row in rows) == 2  # the non-local rows
     assert not any("n/a" in row for row in rows)
+
+
+def test_the_model_reports_video_costs_are_counted_exactly():
+    """3-D RCCA: the 1x1x1 projections and the three blocks' two products per loop; at T = 1 the 2-D figure."""
+    channels, (height, width), time = 64, (9, 11), 3
+    positions = time * height * width
+    keys = time + height + width  # per block, the masked diagonal included (as the products compute it)
+    macs_per_loop = (positions * channels * (channels // 8) * 2 + positions * channels * channels
+                     + positions * keys * (channels // 8) + positions * keys * channels)
+    costs = model_report.video_attention_costs((height, width), time, channels, recurrence=2)
+    assert costs["rcca"] == (2 * 2 * macs_per_loop, 4 * 2 * positions * keys)
+    inner = channels // 2
+    non_local_macs = positions * channels * inner * 3 + 2 * positions ** 2 * inner + positions * inner * channels
+    assert costs["non-local"] == (2 * non_local_macs, 4 * positions ** 2)
