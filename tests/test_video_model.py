@@ -7,6 +7,7 @@ import torch
 from cc_attention import CrissCrossAttention3D
 from networks import SegmentationNet, VideoSegmentationNet, build_model
 from utils.checkpoint import load_model_weights
+from utils.inference import predict_logits
 
 CLIP = 3
 
@@ -128,3 +129,16 @@ def test_compile_fullgraph_of_the_video_network_matches_eager():
     torch._dynamo.reset()
     with torch.no_grad():
         torch.testing.assert_close(actual, video_model(clips)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile_size, scales, flip", [((24, 32), (1.0,), False), (None, (0.75, 1.0), True),
+                                                     ((24, 32), (0.75,), True)])
+def test_inference_on_clips_is_the_image_inference_of_the_centre_frame_at_gamma_zero(tile_size, scales, flip):
+    """utils.inference tiles, resizes and mirrors every frame of a clip alike: with the attention off, the video
+    network's full-resolution logits are the image network's of the centre frame."""
+    image_model, video_model, _ = _video_from_image_snapshot(0.0)
+    clips = _clips(height=40, width=56)
+    actual = predict_logits(video_model, clips, tile_size, scales, flip)
+    expected = predict_logits(image_model, clips[:, CLIP // 2], tile_size, scales, flip)
+    assert actual.shape == (2, 5, 40, 56)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
