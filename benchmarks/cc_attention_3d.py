@@ -149,7 +149,8 @@ def peak_growth_mib(workload: str, implementation: str, clip: Clip):
 def measure_row(workload: str, implementation: str, clip: Clip, repeats: int):
     """((forward s, forward+backward s), (forward MiB, forward+backward MiB)) of one row."""
     run, inputs, grad = build_workload(workload, implementation, clip)
-    times = [statistics.median(time_calls(phase, repeats, clip.device, warmup=1)) for phase in phases(run, inputs, grad)]
+    times = [statistics.median(time_calls(phase, repeats, clip.device, warmup=1))
+             for phase in phases(run, inputs, grad)]
     del run, inputs, grad
     if clip.device == "cpu":
         peaks = run_isolated(peak_growth_mib, workload, implementation, clip)
@@ -187,7 +188,8 @@ def run_benchmark(clip_lengths, sizes, channels, repeats, device, max_attention_
                 if implementation == "plain":
                     plain[workload] = (times, peaks)
                 plain_times, plain_peaks = plain.get(BASELINE_WORKLOAD[workload], (times, peaks))
-                memory = " / ".join(f"{peak / base:.2f}" if base >= 1 else "n/a" for peak, base in zip(peaks, plain_peaks))
+                memory = " / ".join(f"{peak / base:.2f}" if base >= 1 else "n/a"
+                                    for peak, base in zip(peaks, plain_peaks))
                 lines.append(f"{label} {times[0] * 1e3:.1f} | {times[1] * 1e3:.1f} | {peaks[0]:.0f} | {peaks[1]:.0f} | "
                              f"{plain_times[0] / times[0]:.2f}x / {plain_times[1] / times[1]:.2f}x | {memory} |")
                 print(lines[-1], file=sys.stderr, flush=True)  # progress; the whole table goes to stdout

@@ -302,7 +302,8 @@ class SegmentationDataset(Dataset):
         # smaller than the crop where padded
         frames = [frame[top:top + self.crop_h, left:left + self.crop_w] for frame in frames]
         label = label[top:top + self.crop_h, left:left + self.crop_w]
-        sample_image = np.zeros((len(frames), 3, self.crop_h, self.crop_w), np.float32)  # padding: 0 after preprocessing
+        # the padding: 0 after preprocessing
+        sample_image = np.zeros((len(frames), 3, self.crop_h, self.crop_w), np.float32)
         sample_label = np.full((self.crop_h, self.crop_w), IGNORE_LABEL, np.uint8)
         image_target, label_target = sample_image, sample_label
         if self.mirror and rng.integers(0, 2):  # the padded crop mirrored: write it into mirrored views

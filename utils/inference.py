@@ -2,8 +2,8 @@
 
 All functions take a batch of preprocessed images ``(N, 3, H, W)`` (see ``dataset.transforms``) on the model's
 device and return logits ``(N, K, H, W)`` at the images' full resolution; or, for the video network, clips
-``(N, T, 3, H, W)`` (each frame tiled, resized and mirrored alike) and the logits of their centre frames. Logits (not probabilities) are averaged,
-as in the original code:
+``(N, T, 3, H, W)`` (each frame tiled, resized and mirrored alike) and the logits of their centre frames. Logits
+(not probabilities) are averaged, as in the original code:
 
 * sliding window (the default): tiles of ``tile_size`` with 1/3 overlap (stride ``ceil(2/3 * tile)``, so 513 for
   769 and 2 x 4 tiles on a 1024 x 2048 image); the last tile of a row/column is shifted back to end at the border;
