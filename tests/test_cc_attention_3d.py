@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import cc_attention_3d, model_report
 from benchmarks.cc_attention_3d import non_local_3d, plain_criss_cross_attention_3d
-from cc_attention import CrissCrossAttention3D, backends, criss_cross_attention, criss_cross_attention_3d
+from cc_attention import CrissCrossAttention3D, backends, criss_cross_attention, criss_cross_attention_3d, library
 from cc_attention.axes import criss_cross_attention_over_axes
 from networks import NonLocalBlock
 
@@ -296,3 +296,16 @@ def test_the_model_reports_video_costs_are_counted_exactly():
     inner = channels // 2
     non_local_macs = positions * channels * inner * 3 + 2 * positions ** 2 * inner + positions * inner * channels
     assert costs["non-local"] == (2 * non_local_macs, 4 * positions ** 2)
+
+
+def test_the_3d_operator_and_the_2d_kernels_share_the_ccnet_library():
+    """The Python-registered 3-D operators and the C++ library's 2-D operators live in one ``ccnet`` namespace:
+    loading the kernels after the 3-D registration (what ``import cc_attention`` does) keeps both working."""
+    reason = library.load().missing.get("cpu")
+    if reason is not None:
+        pytest.fail(f"the cpu kernels are not available: {reason}")
+    query, key, value = _inputs((1, 2, 3, 2, 4, 5))
+    torch.testing.assert_close(criss_cross_attention_3d(query, key, value), dense_attention(query, key, value))
+    images = [t[:, :, 0] for t in (query, key, value)]
+    torch.testing.assert_close(criss_cross_attention(*images, backend="cpu"),
+                               criss_cross_attention(*images, backend="reference"))
