@@ -10,6 +10,7 @@ Augmentation and preprocessing are the image dataset's (``dataset.segmentation``
 mirror for the whole clip.
 """
 import os
+from dataclasses import replace
 from typing import Callable, List
 
 import numpy as np
@@ -59,21 +60,21 @@ class ClipDataset(SegmentationDataset):
 
     def _read_frames(self, index: int, where: str) -> List[np.ndarray]:
         entry = self.entries[index]
-        labelled = _read_image(entry.image_path, where)
+        labelled = _read_image(entry, where)
         frames = []
         for path in self.frame_paths[index]:
             if path is None:
                 frames.append(labelled)
                 continue
-            frame = _read_image(path, where)
+            frame = _read_image(replace(entry, image_path=path), where)
             if frame.shape != labelled.shape:
                 raise DataError(f"{where}: frame {path} is {frame.shape[0]}x{frame.shape[1]} but its labelled frame "
                                 f"{entry.image_path} is {labelled.shape[0]}x{labelled.shape[1]}")
             frames.append(frame)
         return frames
 
-    def _sample_images(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(images)
+    def _sample_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images
 
 
 def _check_frame(path: str, entry: ListEntry, list_path: str, clip_length: int, frame_stride: int) -> None:

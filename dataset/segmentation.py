@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset.transforms import preprocess_chw
+from dataset.transforms import image_to_tensor, preprocess_chw
 
 IGNORE_LABEL = 255  # train id of the void pixels in decoded labels, and of the padding of training crops
 MIN_SCALE = 0.7  # > 0.5: cv2.resize rounds a side to the nearest pixel, so even a 1x1 image keeps 1 pixel a side
@@ -122,10 +122,10 @@ def find_list_lines(root: str, image_pattern: str, label_of: Optional[Callable[[
     return lines
 
 
-def _read_image(path: str, where: str) -> np.ndarray:
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+def _read_image(entry: ListEntry, where: str) -> np.ndarray:
+    image = cv2.imread(entry.image_path, cv2.IMREAD_COLOR)
     if image is None:
-        raise DataError(f"{where}: cannot read image {path}")
+        raise DataError(f"{where}: cannot read image {entry.image_path}")
     return image
 
 
@@ -219,20 +219,21 @@ class SegmentationDataset(Dataset):
         label = None if entry.label_path is None else self._read_train_ids(index, labelled.shape, where)
         if not self.training:
             label = None if label is None else torch.from_numpy(self._with_ignore_label(label))
-            return self._sample_images(np.stack([preprocess_chw(frame) for frame in frames])), label, entry.name
+            return self._sample_images(torch.cat([image_to_tensor(frame) for frame in frames])), label, entry.name
         rng = np.random.default_rng((self.seed, self.epoch, index))
         images, label = self._augment(frames, label, rng)
-        return self._sample_images(images), torch.from_numpy(self._with_ignore_label(label)), entry.name
+        label = torch.from_numpy(self._with_ignore_label(label))
+        return self._sample_images(torch.from_numpy(images)), label, entry.name
 
     def _read_frames(self, index: int, where: str) -> List[np.ndarray]:
         """The images of sample ``index``, uint8 BGR ``(H, W, 3)``, the labelled one at the centre: here the listed
         image alone (``dataset.clips.ClipDataset``: the frames of its clip)."""
-        return [_read_image(self.entries[index].image_path, where)]
+        return [_read_image(self.entries[index], where)]
 
-    def _sample_images(self, images: np.ndarray) -> torch.Tensor:
+    def _sample_images(self, images: torch.Tensor) -> torch.Tensor:
         """``(T, 3, h, w)`` float32 frames -> the sample's image tensor: the one image ``(3, h, w)`` here (a clip
         dataset keeps the ``(T, 3, h, w)`` stack)."""
-        return torch.from_numpy(images[0])
+        return images[0]
 
     def _read_train_ids(self, index: int, image_shape: tuple, where: str) -> np.ndarray:
         """The label of sample ``index`` as uint8 train ids ``(H, W)`` (void = ``IGNORE_LABEL``); flags (and names,
