@@ -1,7 +1,7 @@
-"""Generate a small dataset of synthetic street scenes in the Cityscapes or the ADE20K format, or of synthetic
-people in the LIP format, for the demo and the tests.
+"""Generate a small dataset of synthetic street scenes in the Cityscapes or the ADE20K format, of synthetic people in
+the LIP format, or street videos in the CamVid format, for the demo and the tests.
 
-    python -m dataset.generate_demo OUT_DIR [--dataset cityscapes|ade20k|lip] [--num-train 24 --num-val 8
+    python -m dataset.generate_demo OUT_DIR [--dataset cityscapes|ade20k|lip|camvid] [--num-train 24 --num-val 8
                                             --height 128 --width 256 --seed 0]
 
 Cityscapes (the default) writes ``OUT_DIR/leftImg8bit/{train,val}/demoville/*_leftImg8bit.png`` and
@@ -22,6 +22,12 @@ figure is symmetric: its two arms (legs, shoes) have the same shape, colour and 
 the left one (class 14, 16, 18: the one further left in the image) from the right one (15, 17, 19), so a network
 trained with mirrored crops tells them apart only if the mirror swaps their labels (``DatasetSpec.flip_pairs``).
 
+CamVid (``--dataset camvid``) writes video in SegNet's CamVid layout: sequences of such streets in which every car
+and person moves sideways at its own speed, their labelled frames in ``OUT_DIR/{train,val}/`` (names in CamVid's two
+styles, ``0000DM_000004.png`` and ``Seq01DM_f00004.png``), the annotations in ``OUT_DIR/{train,val}annot/`` (CamVid's
+values: 0..10, 11 void) and every frame of each sequence in ``OUT_DIR/frames/<sequence>/``, what the video network's
+clips read (``dataset.clips``).
+
 Same seed -> same files.
 """
 import os
@@ -32,6 +38,8 @@ import cv2
 import numpy as np
 
 from dataset.ade20k import ADE20K, SPLIT_FOLDERS
+from dataset.camvid import CAMVID
+from dataset.camvid import VOID as CAMVID_VOID
 from dataset.lip import IMAGE_FOLDER, LABEL_FOLDER, LIP
 from dataset.registry import DEFAULT_DATASET
 from utils.cli import EXIT_OK, ArgumentParser, parse_non_negative_int
@@ -171,8 +179,8 @@ def _draw_person(rng, image, label, road_top, foot_y):
     _paint(image, label, head, (120, 160, 220), PERSON)
 
 
-def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic street scene: (H, W, 3) uint8 BGR image and (H, W) uint8 Cityscapes label ids."""
+def _draw_street(rng: np.random.Generator, height: int, width: int):
+    """The still part of a scene: ``(image (H, W, 3) float32, label ids (H, W) uint8, road_top, ego_top)``."""
     image = np.zeros((height, width, 3), np.float32)
     label = np.zeros((height, width), np.uint8)
     horizon = int(height * rng.uniform(0.35, 0.5))
@@ -180,16 +188,32 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
     _draw_buildings(rng, image, label, horizon)
     _draw_trees(rng, image, label, horizon)
     road_top = _draw_road(rng, image, label, horizon)
-    ego_top = height - max(2, height // 16)
-    objects = [("car", int(rng.integers(road_top + height // 10, ego_top))) for _ in range(rng.integers(1, 4))]
-    objects += [("person", int(rng.integers(road_top + height // 12, ego_top))) for _ in range(rng.integers(1, 4))]
-    for kind, foot_y in sorted(objects, key=lambda item: item[1]):  # far objects first, near ones occlude them
-        (_draw_car if kind == "car" else _draw_person)(rng, image, label, road_top, foot_y)
+    return image, label, road_top, height - max(2, height // 16)
+
+
+def _street_objects(rng: np.random.Generator, height: int, road_top: int, ego_top: int):
+    """``[(draw function, foot row)]`` of the scene's cars and people, far ones first (near ones occlude them)."""
+    objects = [(_draw_car, int(rng.integers(road_top + height // 10, ego_top))) for _ in range(rng.integers(1, 4))]
+    objects += [(_draw_person, int(rng.integers(road_top + height // 12, ego_top)))
+                for _ in range(rng.integers(1, 4))]
+    return sorted(objects, key=lambda item: item[1])
+
+
+def _finish(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, ego_top: int):
+    """The ego vehicle's bonnet over the bottom rows, sensor noise; -> uint8 BGR image, label ids."""
     bonnet = np.zeros(label.shape, bool)
     bonnet[ego_top:] = True
     _paint(image, label, bonnet, (30, 30, 30), EGO_VEHICLE)
     image += _texture(rng, label.shape, 3.0, 1)[..., None]
     return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic street scene: (H, W, 3) uint8 BGR image and (H, W) uint8 Cityscapes label ids."""
+    image, label, road_top, ego_top = _draw_street(rng, height, width)
+    for draw, foot_y in _street_objects(rng, height, road_top, ego_top):
+        draw(rng, image, label, road_top, foot_y)
+    return _finish(rng, image, label, ego_top)
 
 
 def make_figure(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,10 +304,12 @@ FORMATS: Dict[str, DemoFormat] = {
 
 def generate(out_dir: str, num_train: int = 24, num_val: int = 8, height: int = 128, width: int = 256,
              seed: int = 0, dataset: str = DEFAULT_DATASET) -> dict[str, str]:
-    """Write the dataset in the format of ``dataset`` (a key of :data:`FORMATS`); returns ``{"train": list path,
-    "val": list path}``."""
+    """Write the dataset in the format of ``dataset`` (a key of :data:`FORMATS`, or ``"camvid"``: video,
+    :func:`_generate_camvid`); returns ``{"train": list path, "val": list path}``."""
     if height < MIN_SIZE or width < MIN_SIZE:
         raise ValueError(f"height and width must be at least {MIN_SIZE}, got {height}x{width}")
+    if dataset == CAMVID.name:
+        return _generate_camvid(out_dir, num_train, num_val, height, width, seed)
     demo_format = FORMATS[dataset]
     lists = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
@@ -301,11 +327,104 @@ def generate(out_dir: str, num_train: int = 24, num_val: int = 8, height: int = 
     return lists
 
 
+# ---- CamVid-format video ---------------------------------------------------------------------------------------
+
+LABELS_PER_SEQUENCE = 4  # labelled frames of a generated sequence
+LABEL_EVERY = 5  # frames between two labelled frames of a sequence
+MAX_OFFSET = 4  # frames written before the first and after the last labelled frame: clips of T=9 at stride 1, T=5
+# at stride 2
+MAX_SPEED = 3.0  # pixels per frame of a moving object in a 128-pixel-wide frame (scaled with the width)
+
+
+def _camvid_values() -> np.ndarray:
+    """Drawn Cityscapes label ids -> CamVid annotation values (the class's train id; the ego vehicle and anything
+    not drawn: 11, void)."""
+    values = np.full(256, CAMVID_VOID, np.uint8)
+    for label_id, name in ((ROAD, "road"), (BUILDING, "building"), (VEGETATION, "tree"), (SKY, "sky"),
+                           (PERSON, "pedestrian"), (CAR, "car")):
+        values[label_id] = CAMVID.class_names.index(name)
+    return values
+
+
+def _shifted(array: np.ndarray, shift: int) -> np.ndarray:
+    """``array`` (H, W, ...) moved ``shift`` pixels right (left when negative), zeros where nothing moved in."""
+    out = np.zeros_like(array)
+    width = array.shape[1]
+    if abs(shift) < width:
+        if shift >= 0:
+            out[:, shift:] = array[:, :width - shift]
+        else:
+            out[:, :width + shift] = array[:, -shift:]
+    return out
+
+
+def make_video(rng: np.random.Generator, height: int, width: int, num_frames: int):
+    """``num_frames`` frames of one street: ``[(image (H, W, 3) uint8 BGR, label ids (H, W) uint8)]``. The street
+    stands still; each car and person moves sideways at its own speed (up to :data:`MAX_SPEED` pixels a frame at
+    128 pixels wide), so consecutive frames differ where objects are."""
+    street, street_label, road_top, ego_top = _draw_street(rng, height, width)
+    movers = []
+    for draw, foot_y in _street_objects(rng, height, road_top, ego_top):  # each drawn alone on an empty layer
+        image, label = np.zeros_like(street), np.zeros_like(street_label)
+        draw(rng, image, label, road_top, foot_y)
+        speed = rng.uniform(0.3, 1.0) * MAX_SPEED * width / 128 * rng.choice((-1, 1))
+        movers.append((image, label, speed))
+    frames = []
+    for index in range(num_frames):
+        image, label = street.copy(), street_label.copy()
+        for mover_image, mover_label, speed in movers:  # far ones first: near ones occlude them
+            shift = int(round(speed * index))
+            moved = _shifted(mover_label, shift) > 0
+            image[moved], label[moved] = _shifted(mover_image, shift)[moved], _shifted(mover_label, shift)[moved]
+        frames.append(_finish(rng, image, label, ego_top))
+    return frames
+
+
+def _sequence_name(index: int, frame: int) -> Tuple[str, str]:
+    """(sequence, frame file name) in CamVid's two styles, alternating: ``0000DM_000004.png`` (six digits) and
+    ``Seq01DM_f00004.png`` (``f`` and five digits)."""
+    if index % 2 == 0:
+        sequence = f"{index:04d}DM"
+        return sequence, f"{sequence}_{frame:06d}.png"
+    sequence = f"Seq{index:02d}DM"
+    return sequence, f"{sequence}_f{frame:05d}.png"
+
+
+def _generate_camvid(out_dir: str, num_train: int, num_val: int, height: int, width: int,
+                     seed: int) -> dict[str, str]:
+    """Write CamVid-format video: ``OUT_DIR/{train,val}/<name>.png`` labelled frames, ``{train,val}annot/<name>.png``
+    their annotations (0..10, 11 void), ``frames/<sequence>/`` every frame of each sequence, and the lists
+    ``OUT_DIR/{train,val}.lst``; returns their paths. A sequence has up to :data:`LABELS_PER_SEQUENCE` labelled
+    frames :data:`LABEL_EVERY` apart and :data:`MAX_OFFSET` more frames before the first and after the last."""
+    values = _camvid_values()
+    lists, sequence_index = {}, 0
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        lines = []
+        for first in range(0, count, LABELS_PER_SEQUENCE):
+            labelled = [MAX_OFFSET + k * LABEL_EVERY for k in range(min(LABELS_PER_SEQUENCE, count - first))]
+            frames = make_video(np.random.default_rng((seed, split_index, sequence_index)), height, width,
+                                labelled[-1] + MAX_OFFSET + 1)
+            for number, (image, label) in enumerate(frames):
+                sequence, name = _sequence_name(sequence_index, number)
+                written = [(f"frames/{sequence}/{name}", image)]
+                if number in labelled:
+                    written += [(f"{split}/{name}", image), (f"{split}annot/{name}", values[label])]
+                    lines.append(f"{split}/{name}\t{split}annot/{name}\n")
+                for path, pixels in written:
+                    os.makedirs(os.path.dirname(os.path.join(out_dir, path)), exist_ok=True)
+                    cv2.imwrite(os.path.join(out_dir, path), pixels)
+            sequence_index += 1
+        lists[split] = os.path.join(out_dir, f"{split}.lst")
+        with open(lists[split], "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+    return lists
+
+
 def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad command line."""
     parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (created if missing)")
-    parser.add_argument("--dataset", choices=tuple(FORMATS), default=DEFAULT_DATASET,
+    parser.add_argument("--dataset", choices=(*FORMATS, CAMVID.name), default=DEFAULT_DATASET,
                         help="the format to write the scenes in")
     parser.add_argument("--num-train", type=parse_non_negative_int, default=24, help="number of training scenes")
     parser.add_argument("--num-val", type=parse_non_negative_int, default=8, help="number of validation scenes")

@@ -1,13 +1,14 @@
 """Write a dataset's list files (the original CCNet format) from a copy of the dataset.
 
-    python -m dataset.make_lists DATA_DIR [--dataset cityscapes|ade20k|lip] [--out-dir dataset/list/<dataset>]
+    python -m dataset.make_lists DATA_DIR [--dataset cityscapes|ade20k|lip|camvid] [--out-dir dataset/list/<dataset>]
 
 Each dataset's layout and lists are in its spec (``dataset/cityscapes.py``, ``dataset/ade20k.py``,
-``dataset/lip.py``): e.g. Cityscapes gives ``train.lst`` (2975 lines on the full dataset), ``val.lst`` (500),
-``trainval.lst`` (3475) and ``test.lst`` (1525); ADE20K ``train.lst`` (20210), ``val.lst`` (2000) and
-``trainval.lst``; LIP ``train.lst`` (30462), ``val.lst`` (10000) and ``trainval.lst``. Lines are ``<image>\\t<label>`` (or
-``<image>`` for a test list), paths relative to DATA_DIR, sorted. A list without images is skipped with a warning;
-a folder without the dataset's layout, or an image without its label, is an error.
+``dataset/lip.py``, ``dataset/camvid.py``): e.g. Cityscapes gives ``train.lst`` (2975 lines on the full dataset),
+``val.lst`` (500), ``trainval.lst`` (3475) and ``test.lst`` (1525); ADE20K ``train.lst`` (20210), ``val.lst`` (2000)
+and ``trainval.lst``; LIP ``train.lst`` (30462), ``val.lst`` (10000) and ``trainval.lst``; CamVid ``train.lst``
+(367), ``val.lst`` (101), ``test.lst`` (233, labelled too) and ``trainval.lst``. Lines are ``<image>\\t<label>`` (or
+``<image>`` for a test list), paths relative to DATA_DIR, sorted. A list without images is skipped with a warning; a
+folder without the dataset's layout, or an image without its label, is an error.
 """
 import os
 import sys
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("root", help="the dataset's folder (Cityscapes: holds leftImg8bit/ and gtFine/; ADE20K: "
                                      "ADEChallengeData2016, holds images/ and annotations/; LIP: holds "
-                                     "TrainVal_images/ and TrainVal_parsing_annotations/)")
+                                     "TrainVal_images/ and TrainVal_parsing_annotations/; "
+                                     "CamVid: holds train/ and trainannot/, val/, test/, ...)")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default=DEFAULT_DATASET, help="which dataset it is")
     parser.add_argument("--out-dir", default=None, help="where to write the .lst files (default: dataset/list/"
                                                         "<dataset>)")

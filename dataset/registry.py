@@ -9,12 +9,13 @@ import sys
 from typing import Callable, Dict
 
 from dataset.ade20k import ADE20K
+from dataset.camvid import CAMVID
 from dataset.cityscapes import CITYSCAPES
 from dataset.lip import LIP
 from dataset.spec import DatasetSpec
 from utils.cli import EXIT_OK, ArgumentParser
 
-DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (CITYSCAPES, ADE20K, LIP)}
+DATASETS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (CITYSCAPES, ADE20K, LIP, CAMVID)}
 DATASET_NAMES = tuple(DATASETS)
 DEFAULT_DATASET = CITYSCAPES.name
 

@@ -267,14 +267,26 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int):
         entry = self.entries[index]
         where = f"{self.list_path} line {entry.line}"
-        image = _read_image(entry, where)
-        label = None if entry.label_path is None else self._read_train_ids(index, image.shape, where)
+        frames = self._read_frames(index, where)
+        labelled = frames[len(frames) // 2]
+        label = None if entry.label_path is None else self._read_train_ids(index, labelled.shape, where)
         if not self.training:
             label = None if label is None else torch.from_numpy(self._with_ignore_label(label))
-            return image_to_tensor(image)[0], label, entry.name
+            return self._sample_images(torch.cat([image_to_tensor(frame) for frame in frames])), label, entry.name
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        image, label = self._augment(image, label, rng)
-        return torch.from_numpy(image), torch.from_numpy(self._with_ignore_label(label)), entry.name
+        images, label = self._augment(frames, label, rng)
+        label = torch.from_numpy(self._with_ignore_label(label))
+        return self._sample_images(torch.from_numpy(images)), label, entry.name
+
+    def _read_frames(self, index: int, where: str) -> List[np.ndarray]:
+        """The images of sample ``index``, uint8 BGR ``(H, W, 3)``, the labelled one at the centre: here the listed
+        image alone (``dataset.clips.ClipDataset``: the frames of its clip)."""
+        return [_read_image(self.entries[index], where)]
+
+    def _sample_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(T, 3, h, w)`` float32 frames -> the sample's image tensor: the one image ``(3, h, w)`` here (a clip
+        dataset keeps the ``(T, 3, h, w)`` stack)."""
+        return images[0]
 
     def _read_train_ids(self, index: int, image_shape: tuple, where: str) -> np.ndarray:
         """The label of sample ``index`` as uint8 train ids ``(H, W)`` (void = ``IGNORE_LABEL``); flags (and names,
@@ -329,27 +341,32 @@ class SegmentationDataset(Dataset):
             label[label == IGNORE_LABEL] = self.ignore_label
         return label
 
-    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        """uint8 BGR (H, W, 3) + uint8 train ids (H, W) -> float32 (3, crop_h, crop_w) + uint8 (crop_h, crop_w),
-        void (and padding) = ``IGNORE_LABEL``."""
+    def _augment(self, frames: List[np.ndarray], label: np.ndarray, rng: np.random.Generator):
+        """uint8 BGR frames (H, W, 3) + uint8 train ids (H, W) -> float32 (T, 3, crop_h, crop_w) + uint8 (crop_h,
+        crop_w), void (and padding) = ``IGNORE_LABEL``. One draw of scale, crop and mirror for all the frames (a
+        clip's frames are augmented alike; an image is a clip of one frame)."""
         if self.scale:
             factor = MIN_SCALE + rng.integers(0, NUM_SCALES) / 10.0
-            image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+            frames = [cv2.resize(frame, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
+                      for frame in frames]
             label = cv2.resize(label, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
         # the crop's offset in the image padded bottom/right to at least the crop size
         top = rng.integers(0, max(label.shape[0], self.crop_h) - self.crop_h + 1)
         left = rng.integers(0, max(label.shape[1], self.crop_w) - self.crop_w + 1)
-        image = image[top:top + self.crop_h, left:left + self.crop_w]  # smaller than the crop where padded
+        # smaller than the crop where padded
+        frames = [frame[top:top + self.crop_h, left:left + self.crop_w] for frame in frames]
         label = label[top:top + self.crop_h, left:left + self.crop_w]
-        sample_image = np.zeros((3, self.crop_h, self.crop_w), np.float32)  # the padding: 0 after preprocessing
+        # the padding: 0 after preprocessing
+        sample_image = np.zeros((len(frames), 3, self.crop_h, self.crop_w), np.float32)
         sample_label = np.full((self.crop_h, self.crop_w), IGNORE_LABEL, np.uint8)
         image_target, label_target = sample_image, sample_label
         if self.mirror and rng.integers(0, 2):  # the padded crop mirrored: write it into mirrored views
-            image_target, label_target = sample_image[:, :, ::-1], sample_label[:, ::-1]
+            image_target, label_target = sample_image[..., ::-1], sample_label[:, ::-1]
             if self.mirrored_ids is not None:
                 label = self.mirrored_ids[label]
         height, width = label.shape
-        preprocess_chw(image, out=image_target[:, :height, :width])
+        for frame, target in zip(frames, image_target):
+            preprocess_chw(frame, out=target[:, :height, :width])
         label_target[:height, :width] = label
         return sample_image, sample_label
 

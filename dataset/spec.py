@@ -13,10 +13,11 @@ pixels, as uint8.
 import colorsys
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from dataset.clips import ClipDataset, FramePath, clip_offsets
 from dataset.segmentation import SegmentationDataset
 from utils.mirror import mirrored_class_ids
 
@@ -66,6 +67,9 @@ class DatasetSpec:
         flip_pairs: the pairs of train ids that a left-right mirror turns into each other (a left and a right arm);
             ``--random-mirror`` swaps them in the labels of a mirrored crop and ``--flip`` in the logits of the
             mirrored image (``utils.mirror``). Empty for most datasets.
+        frame_path: for a video dataset, ``(labelled image's path in a list, offset) -> the path of the video frame
+            that many frames after it`` (relative to the data folder; see ``dataset.clips``); None: no video, clips
+            of one frame only.
     """
 
     name: str
@@ -79,6 +83,7 @@ class DatasetSpec:
     training: TrainingDefaults
     evaluation: EvaluationDefaults
     flip_pairs: Tuple[Tuple[int, int], ...] = ()
+    frame_path: Optional[FramePath] = None
 
     def __post_init__(self):
         if self.palette.shape != (len(self.class_names), 3) or self.palette.dtype != np.uint8:
@@ -102,10 +107,24 @@ class DatasetSpec:
         """The default list file of ``split`` (``train``, ``val``, ...)."""
         return os.path.join(self.list_dir, f"{split}.lst")
 
-    def dataset(self, data_dir: str, list_path: str, **options) -> SegmentationDataset:
-        """The samples of a list file of this dataset (``options``: see :class:`SegmentationDataset`)."""
-        return SegmentationDataset(data_dir, list_path, self.decode_label, max_label_value=self.max_label_value,
-                                   flip_pairs=self.flip_pairs, **options)
+    def dataset(self, data_dir: str, list_path: str, clip_length: int = 1, frame_stride: int = 1,
+                **options) -> SegmentationDataset:
+        """The samples of a list file of this dataset (``options``: see :class:`SegmentationDataset`).
+
+        ``clip_length`` 1: images ``(3, h, w)`` per sample (no video frames read); an odd ``clip_length`` T > 1 (a
+        video dataset only): clips ``(T, 3, h, w)`` of the frames ``frame_stride`` apart around each labelled
+        frame (:class:`dataset.clips.ClipDataset`). ``ValueError`` (one line) for a clip of a dataset without
+        video, an even T or a stride below 1.
+        """
+        clip_offsets(clip_length, frame_stride)
+        if clip_length == 1:
+            return SegmentationDataset(data_dir, list_path, self.decode_label, max_label_value=self.max_label_value,
+                                       flip_pairs=self.flip_pairs, **options)
+        if self.frame_path is None:
+            raise ValueError(f"{self.name} has no video frames: the clip length must be 1, got {clip_length}")
+        return ClipDataset(data_dir, list_path, self.decode_label, self.frame_path, clip_length, frame_stride,
+                           max_label_value=self.max_label_value, flip_pairs=self.flip_pairs,
+                           **options)
 
     def training_args(self) -> dict:
         """train.py's defaults by flag name (``dest``), the data folder and the list of ``train`` included."""

@@ -1,6 +1,7 @@
-"""CCNet: dilated ResNet backbone, RCCA / non-local / plain context heads, DSN head, and ``build_model``."""
-from .heads import ContextHead, DSNHead, NonLocalBlock, NonLocalHead, RCCAHead
-from .model import HEADS, CheckpointKeys, SegmentationNet, build_model
+"""CCNet: dilated ResNet backbone, RCCA / non-local / plain context heads, DSN head, the video network over clips, and
+``build_model``."""
+from .heads import ContextHead, DSNHead, NonLocalBlock, NonLocalHead, RCCAHead, VideoRCCAHead
+from .model import HEADS, CheckpointKeys, SegmentationNet, VideoSegmentationNet, build_model
 from .resnet import BACKBONES, BackboneSpec, Bottleneck, DilatedResNet
 
 __all__ = [
@@ -16,5 +17,7 @@ __all__ = [
     "NonLocalHead",
     "RCCAHead",
     "SegmentationNet",
+    "VideoRCCAHead",
+    "VideoSegmentationNet",
     "build_model",
 ]

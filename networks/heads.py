@@ -1,4 +1,5 @@
-"""Segmentation heads: the RCCA head, the same head with a non-local block or no attention, and the DSN head.
+"""Segmentation heads: the RCCA head, its video variant, the same head with a non-local block or no attention, and
+the DSN head.
 
 Module names and ``nn.Sequential`` indices follow the original code, so its checkpoints load: ``conva.0`` (conv),
 ``conva.1`` (norm), ``cca``, ``convb.0/1``, ``bottleneck.0`` (conv), ``.1`` (norm), ``.2`` (dropout), ``.3``
@@ -7,7 +8,7 @@ Module names and ``nn.Sequential`` indices follow the original code, so its chec
 import torch
 from torch import nn
 
-from cc_attention import CrissCrossAttention
+from cc_attention import CrissCrossAttention, CrissCrossAttention3D
 from libs.norm import NormFactory
 
 
@@ -45,12 +46,17 @@ class ContextHead(nn.Module):
         """``(N, inter_channels, h, w) -> (N, inter_channels, h, w)``."""
         return x
 
+    def labelled_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the head's input that the logits are for: all of ``x`` here (the video head: the centre
+        frame of each clip)."""
+        return x
+
     def forward_with_context(self, x: torch.Tensor):
         """``(logits (N, num_classes, h, w), context (N, inter_channels, h, w))``: the logits and the context block's
         output (after RCCA's R loops), which the category consistent loss reads."""
         context = self.context(self.conva(x))
         out = self.convb(context)
-        return self.bottleneck(torch.cat([x, out], dim=1)), context
+        return self.bottleneck(torch.cat([self.labelled_frames(x), out], dim=1)), context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_context(x)[0]
@@ -73,6 +79,36 @@ class RCCAHead(ContextHead):
         for _ in range(self.recurrence):
             x = self.cca(x)
         return x
+
+
+class VideoRCCAHead(RCCAHead):
+    """The RCCA head over clips: ``conva`` on every frame, ONE ``CrissCrossAttention3D`` applied ``recurrence``
+    times over the clip's feature maps (every position gathers context from its row, column and time line), then
+    ``convb`` and ``bottleneck`` on the centre (labelled) frame of each clip.
+
+    The parameter names are the RCCA head's; only ``cca``'s 1x1 convolutions are ``nn.Conv3d`` (1x1x1): a 2-D
+    head's weights load into it (``networks.CheckpointKeys.depth_added``).
+
+    Shapes: ``(N * T, in_channels, h, w)``, the T frames of each of N clips in order -> ``(N, num_classes, h, w)``,
+    the centre frame's logits (``forward_with_context``: and its context ``(N, inter_channels, h, w)``).
+    """
+
+    def __init__(self, in_channels: int, inter_channels: int, num_classes: int, norm: NormFactory,
+                 recurrence: int = 2, clip_length: int = 3):
+        super().__init__(in_channels, inter_channels, num_classes, norm, recurrence)
+        self.cca = CrissCrossAttention3D(inter_channels)
+        self.clip_length = clip_length
+
+    def labelled_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N * T, C, h, w) -> (N, C, h, w)``: the centre frame of each clip."""
+        return x.unflatten(0, (-1, self.clip_length))[:, self.clip_length // 2]
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N * T, C, h, w)`` -> the centre frames' context ``(N, C, h, w)`` after R 3-D attention loops."""
+        clip = x.unflatten(0, (-1, self.clip_length)).transpose(1, 2)  # (N, C, T, h, w); NDHWC if x is NHWC
+        for _ in range(self.recurrence):
+            clip = self.cca(clip)
+        return clip[:, :, self.clip_length // 2]
 
 
 class NonLocalBlock(nn.Module):

@@ -1,5 +1,6 @@
-"""The whole network and its builder: dilated ResNet + context head (RCCA by default) + auxiliary DSN head."""
-from dataclasses import dataclass
+"""The whole network and its builder: dilated ResNet + context head (RCCA by default) + auxiliary DSN head; the
+video network (the same over clips, 3-D criss-cross attention in the head)."""
+from dataclasses import dataclass, replace
 from typing import List, Sequence, Tuple
 
 import torch
@@ -7,7 +8,7 @@ from torch import nn
 
 from libs.norm import NormFactory, make_norm
 
-from .heads import ContextHead, DSNHead, NonLocalHead, RCCAHead
+from .heads import ContextHead, DSNHead, NonLocalHead, RCCAHead, VideoRCCAHead
 from .resnet import BACKBONES, BackboneSpec, DilatedResNet
 
 HEADS = ("ccnet", "nonlocal", "baseline")
@@ -25,12 +26,16 @@ class CheckpointKeys:
         training_only: the prefixes of modules that only a training loss uses (the CCL projection): a checkpoint
             without them loads (they keep their initialization), and a model without them drops them from a
             checkpoint that has them.
+        depth_added: the prefixes of modules whose 1x1 convolutions are 1x1x1 (``nn.Conv3d``) here but 1x1 in an
+            image network (the video head's ``head.cca.``): a checkpoint's ``(O, I, 1, 1)`` weight loads into an
+            ``(O, I, 1, 1, 1)`` one with the depth axis added.
     """
 
     head_prefixes: Tuple[str, ...]
     classifiers: Tuple[str, ...]
     imagenet_classifier: str
     training_only: Tuple[str, ...] = ()
+    depth_added: Tuple[str, ...] = ()
 
 
 class SegmentationNet(DilatedResNet):
@@ -67,6 +72,45 @@ class SegmentationNet(DilatedResNet):
         return [logits, self.dsn(c3), self.ccl_projection(context)]
 
 
+class VideoSegmentationNet(SegmentationNet):
+    """CCNet over clips of ``clip_length`` frames (odd), the labelled frame at the centre.
+
+    ``forward(x)``: ``x`` ``(N, T, 3, H, W)`` preprocessed BGR clips -> what :class:`SegmentationNet` returns for
+    the centre frames ``(N, 3, H, W)``: the backbone runs on all ``N * T`` frames as one batch, the head
+    (:class:`networks.heads.VideoRCCAHead`) gives every position context from its row, column and time line (R
+    loops), and the logits, the auxiliary DSN logits and the CCL embedding are the centre frames'. The state-dict
+    keys are the image network's; only ``head.cca``'s 1x1 convolutions are 1x1x1, and an image snapshot's weights
+    load into them (``checkpoint_keys.depth_added``): a 2-D snapshot initializes every weight of the video network.
+    """
+
+    checkpoint_keys = replace(SegmentationNet.checkpoint_keys, depth_added=("head.cca.",))
+
+    def __init__(self, spec: BackboneSpec, head: VideoRCCAHead, num_classes: int, norm: NormFactory,
+                 multi_grid=(1, 1, 1), embedding_dim: int = 0):
+        super().__init__(spec, head, num_classes, norm, multi_grid, embedding_dim)
+        self.clip_length = head.clip_length
+
+    def to(self, *args, **kwargs):
+        """``nn.Module.to``; ``memory_format=torch.channels_last`` (what train.py and the inference tools ask for)
+        converts the 4-D weights and leaves the 1x1x1 attention weights, the same in every memory format (PyTorch
+        refuses channels_last for 5-D tensors). The frames of channels-last clips ``(N, T, 3, H, W)`` are NHWC
+        images: ``clips.flatten(0, 1).contiguous(memory_format=torch.channels_last).view_as(clips)``."""
+        memory_format = kwargs.pop("memory_format", None)
+        module = super().to(*args, **kwargs) if args or kwargs else self
+        if memory_format is None:
+            return module
+        return self._apply(lambda t: t.contiguous(memory_format=memory_format) if t.dim() == 4 else t)
+
+    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(N, T, 3, H, W)`` -> (layer3 of the centre frames ``(N, C3, h, w)``, layer4 of every frame
+        ``(N * T, C4, h, w)``): what the DSN head and the video head read."""
+        if x.dim() != 5 or x.shape[1] != self.clip_length or x.shape[2] != 3:
+            raise ValueError(f"the video network expects clips (N, {self.clip_length}, 3, H, W); got "
+                             f"{tuple(x.shape)}")
+        c3, c4 = super().forward_features(x.flatten(0, 1))
+        return self.head.labelled_frames(c3), c4
+
+
 def build_model(
     name: str = "ccnet",
     backbone: str = "resnet101",
@@ -75,6 +119,7 @@ def build_model(
     norm: str = "auto",
     multi_grid: Sequence[int] = (1, 1, 1),
     embedding_dim: int = 0,
+    clip_length: int = 1,
 ) -> SegmentationNet:
     """THE entry point for train.py, evaluate.py and the tools.
 
@@ -89,6 +134,9 @@ def build_model(
         multi_grid: dilation multipliers of layer4's blocks (the original: (1, 1, 1)).
         embedding_dim: > 0 adds ``ccl_projection``, the embedding of the category consistent loss (train.py
             ``--ccl 1 --ccl-dim``); 0 (the ICCV network) adds nothing.
+        clip_length: T, the frames of a clip. 1: the image network (:class:`SegmentationNet`, inputs
+            ``(N, 3, H, W)``); an odd T > 1 (ccnet only): :class:`VideoSegmentationNet`, inputs ``(N, T, 3, H, W)``
+            with the labelled frame at the centre.
     """
     if name not in HEADS:
         raise ValueError(f"model name must be one of {HEADS}, got {name!r}")
@@ -98,9 +146,17 @@ def build_model(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if embedding_dim < 0:
         raise ValueError(f"embedding_dim must be >= 0, got {embedding_dim}")
+    if clip_length < 1 or clip_length % 2 == 0:
+        raise ValueError(f"clip_length must be odd and >= 1 (the labelled frame at the centre), got {clip_length}")
+    if clip_length > 1 and name != "ccnet":
+        raise ValueError(f"clip_length {clip_length} needs the ccnet head (3-D criss-cross attention); {name!r} is "
+                         "an image network")
     spec = BACKBONES[backbone]
     norm_layer = make_norm(norm)
     head_args = (spec.layer4_channels, spec.head_width, num_classes, norm_layer)
+    if clip_length > 1:
+        return VideoSegmentationNet(spec, VideoRCCAHead(*head_args, recurrence=recurrence, clip_length=clip_length),
+                                    num_classes, norm_layer, multi_grid, embedding_dim)
     if name == "ccnet":
         head = RCCAHead(*head_args, recurrence=recurrence)
     elif name == "nonlocal":

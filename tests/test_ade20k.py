@@ -43,8 +43,8 @@ def test_classes_palette_and_registry():
     assert CLASS_NAMES[:3] == ("wall", "building", "sky") and CLASS_NAMES[-1] == "flag"
     assert PALETTE.shape == (150, 3) and PALETTE.dtype == np.uint8
     assert len({tuple(colour) for colour in PALETTE.tolist()}) == 150 and PALETTE.sum(axis=1).min() > 0
-    assert set(DATASETS) == {"cityscapes", "ade20k", "lip"} and get_dataset("ade20k") is ADE20K
-    with pytest.raises(ValueError, match="unknown dataset 'voc'; choose from cityscapes, ade20k, lip"):
+    assert set(DATASETS) == {"cityscapes", "ade20k", "lip", "camvid"} and get_dataset("ade20k") is ADE20K
+    with pytest.raises(ValueError, match="unknown dataset 'voc'; choose from cityscapes, ade20k, lip, camvid"):
         get_dataset("voc")
 
 

@@ -245,7 +245,7 @@ def test_list_paths_may_hold_spaces(demo, tmp_path):
         read_list(root, str(spaces_only))
 
 
-@pytest.mark.parametrize("dataset", ["cityscapes", "ade20k"])
+@pytest.mark.parametrize("dataset", ["cityscapes", "ade20k", "camvid"])
 def test_colour_and_16_bit_labels_are_refused_naming_the_file(demo_data, tmp_path, dataset):
     data = demo_data(num_train=1, num_val=0, height=32, width=48, dataset=dataset)
     root = tmp_path / "data"

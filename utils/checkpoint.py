@@ -345,7 +345,8 @@ def load_model_weights(
 
     Args:
         model: the network (a ``DistributedDataParallel`` wrapper is unwrapped); its ``checkpoint_keys`` say which
-            keys are the heads', the classifiers' and the ImageNet classifier's.
+            keys are the heads', the classifiers' and the ImageNet classifier's, and which 1x1 weights gain a depth
+            axis (an image snapshot loaded into the video network).
         source: a file path, or a checkpoint dict already loaded.
         backbone_only: load only the backbone and skip the ImageNet classifier; ``None`` decides from the keys (no
             head key: ImageNet weights).
@@ -384,6 +385,9 @@ def load_model_weights(
     report.missing = [key for key in targets if key not in state and not key.endswith(OPTIONAL_SUFFIX)
                       and key not in report.not_loaded]
     report.unexpected = [key for key in state if key not in targets and key not in report.skipped]
+    # an image network's 1x1 weights for the modules that are 1x1x1 here (the video head's attention)
+    state = {key: value.unsqueeze(2) if key.startswith(model_keys.depth_added) and key in targets
+             and value.dim() + 1 == targets[key].dim() else value for key, value in state.items()}
     mismatches = [
         f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(targets[key].shape)}"
         for key in state

@@ -1,8 +1,9 @@
 """Full-image inference: sliding window or whole image, multi-scale and horizontal flip.
 
 All functions take a batch of preprocessed images ``(N, 3, H, W)`` (see ``dataset.transforms``) on the model's
-device and return logits ``(N, K, H, W)`` at the images' full resolution. Logits (not probabilities) are averaged,
-as in the original code:
+device and return logits ``(N, K, H, W)`` at the images' full resolution; or, for the video network, clips
+``(N, T, 3, H, W)`` (each frame tiled, resized and mirrored alike) and the logits of their centre frames. Logits
+(not probabilities) are averaged, as in the original code:
 
 * sliding window (the default): tiles of ``tile_size`` with 1/3 overlap (stride ``ceil(2/3 * tile)``, so 513 for
   769 and 2 x 4 tiles on a 1024 x 2048 image); the last tile of a row/column is shifted back to end at the border;
@@ -69,7 +70,7 @@ def predict_sliding(model, images: torch.Tensor, tile_size: Tuple[int, int], til
     starts = [(y, x) for y in tile_starts(height, tile_h) for x in tile_starts(width, tile_w)]
     for first in range(0, len(starts), tile_batch):
         group = starts[first:first + tile_batch]
-        tiles = [images[:, :, y:y + tile_h, x:x + tile_w] for y, x in group]
+        tiles = [images[..., y:y + tile_h, x:x + tile_w] for y, x in group]
         padded = [F.pad(tile, (0, tile_w - tile.shape[-1], 0, tile_h - tile.shape[-2])) for tile in tiles]  # zeros
         logits = upsample_logits(_main_logits(model, torch.cat(padded)), (tile_h, tile_w))
         if total is None:
@@ -103,10 +104,13 @@ def check_scales(size: Tuple[int, int], scales: Sequence[float], image_name: str
 
 
 def resize_images(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """Bilinear, corner-aligned resize of ``(N, 3, H, W)`` to ``(round(H * scale), round(W * scale))``."""
+    """Bilinear, corner-aligned resize of ``(N, 3, H, W)`` (or clips ``(N, T, 3, H, W)``, frame by frame) to
+    ``(round(H * scale), round(W * scale))``."""
     if scale == 1.0:
         return images
-    return F.interpolate(images, size=scaled_size(images.shape[-2:], scale), mode="bilinear", align_corners=True)
+    size = scaled_size(images.shape[-2:], scale)
+    frames = F.interpolate(images.flatten(0, -4), size=size, mode="bilinear", align_corners=True)
+    return frames.view(*images.shape[:-2], *size)
 
 
 @torch.no_grad()
