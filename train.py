@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dataset.registry import DATASET_NAMES, DEFAULT_DATASET, get_dataset, per_dataset
 from dataset.spec import fill_unset
-from engine.train_step import (AMP_DTYPES, compile_forward_loss, fused_sgd_available, make_sgd, optimizer_step,
-                               use_channels_last)
+from engine.train_step import (AMP_DTYPES, channels_last_input, compile_forward_loss, fused_sgd_available, make_sgd,
+                               optimizer_step, use_channels_last)
 from engine.training_data import TrainingBatches
 from engine.training_run import (FAILURES, TrainingError, log_on_main, mean_loss_terms, on_main_process,
                                  resume_or_start, run_folders_claimed, save_snapshot, snapshot_path, snapshot_state,
@@ -61,6 +61,11 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--random-mirror", action="store_true", help="flip images horizontally with p = 0.5")
     data.add_argument("--random-scale", action="store_true",
                       help="rescale images by a random factor in {0.7, 0.8, ..., 2.1} before cropping")
+    data.add_argument("--clip-length", type=parse_positive_int, default=1, metavar="T",
+                      help="video: train on clips of T (odd) frames around each labelled frame with the 3-D "
+                           "criss-cross attention head (a video dataset: camvid); 1: the image CCNet")
+    data.add_argument("--frame-stride", type=parse_positive_int, default=1, metavar="S",
+                      help="video: the clip's frames are S frames apart")
     data.add_argument("--num-workers", type=parse_non_negative_int, default=8, help="data-loading processes per training process")
     data.add_argument("--num-classes", type=parse_positive_int, default=None,
                       help="number of classes the network predicts; default: "
@@ -176,7 +181,7 @@ def _norm_kind(requested: str, world_size: int, device: torch.device) -> str:
 def _build(args, norm: str, device: torch.device, channels_last: bool, log):
     torch.manual_seed(args.random_seed)  # the same initial weights on every rank
     model = build_model(args.model, args.backbone, args.num_classes, args.recurrence, norm,
-                        embedding_dim=args.ccl_dim if args.ccl else 0)
+                        embedding_dim=args.ccl_dim if args.ccl else 0, clip_length=args.clip_length)
     if args.resume is None and args.restore_from:
         log(load_model_weights(model, args.restore_from).summary())
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -254,7 +259,7 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
                 first_started = time.perf_counter() if iteration == start_iteration else None
                 images = images.to(device, non_blocking=True)
                 if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                    images = channels_last_input(images)
                 labels = labels.to(device, non_blocking=True)
                 lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
                 set_lr(optimizer, lr)

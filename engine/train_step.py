@@ -79,6 +79,14 @@ def use_channels_last(choice: Optional[bool], device: torch.device, norm: str = 
     return device.type == "cuda" and not norm.startswith("inplace_abn")
 
 
+def channels_last_input(images: torch.Tensor) -> torch.Tensor:
+    """Images ``(N, C, H, W)`` in the channels_last memory format; clips ``(N, T, C, H, W)`` too, as the batch of
+    ``N * T`` frames the backbone sees (same shape, values and frame order)."""
+    if images.dim() == 5:
+        return images.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(images.shape)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
 def fused_sgd_available(device: torch.device) -> bool:
     """Whether ``torch.optim.SGD(fused=True)`` is used on ``device``: CUDA only, where this torch has it."""
     return device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters

@@ -13,17 +13,19 @@ class TooFewSamplesError(ValueError):
 
 
 class TrainingBatches:
-    """``args`` (train.py's: dataset, data_dir, data_list, input_size, random_scale, random_mirror, ignore_label,
-    random_seed, batch_size, num_workers) made a loader for process ``rank`` of ``world_size``: ``batch_size //
-    world_size`` samples each, the last incomplete batch of an epoch dropped.
+    """``args`` (train.py's: dataset, data_dir, data_list, clip_length, frame_stride, input_size, random_scale,
+    random_mirror, ignore_label, random_seed, batch_size, num_workers) made a loader for process ``rank`` of
+    ``world_size``: ``batch_size // world_size`` samples each, the last incomplete batch of an epoch dropped.
 
-    ``iterate(start_iteration)`` yields ``(images (N, 3, H, W) float32, labels (N, H, W) int64, names)`` forever,
+    ``iterate(start_iteration)`` yields ``(images (N, 3, H, W) float32 -- clips (N, T, 3, H, W) when clip_length T >
+    1 --, labels (N, H, W) int64 (of the centre frames), names)`` forever,
     from the batch that iteration ``start_iteration`` (0-based) of an uninterrupted run takes."""
 
     def __init__(self, args, rank: int, world_size: int, device: torch.device):
         self.dataset = get_dataset(args.dataset).dataset(
-            args.data_dir, args.data_list, crop_size=tuple(args.input_size), scale=args.random_scale,
-            mirror=args.random_mirror, ignore_label=args.ignore_label, training=True, seed=args.random_seed)
+            args.data_dir, args.data_list, clip_length=args.clip_length, frame_stride=args.frame_stride,
+            crop_size=tuple(args.input_size), scale=args.random_scale, mirror=args.random_mirror,
+            ignore_label=args.ignore_label, training=True, seed=args.random_seed)
         per_process = args.batch_size // world_size
         self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                    seed=args.random_seed)

@@ -37,7 +37,7 @@ RUN_ID_FILE = "run_id"  # in --log-dir: the id of the run whose log the folder h
 RUN_DEFINING_FLAGS = ("dataset", "data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
                       "power", "num_steps", "recurrence", "ohem", "ohem_thres", "ohem_keep", "random_mirror",
                       "random_scale", "random_seed", "num_classes", "backbone", "model", "amp", "ccl", "ccl_dim",
-                      "ccl_margins", "ccl_weights")
+                      "ccl_margins", "ccl_weights", "clip_length", "frame_stride")
 
 Log = Callable[[str], None]
 

@@ -186,3 +186,17 @@ def test_a_video_training_step_on_generated_clips(camvid_demo):
     loss = CriterionDSN()(model(images), labels)
     loss.backward()
     assert torch.isfinite(loss) and model.head.cca.query_conv.weight.grad.abs().sum() > 0
+
+
+def test_train_py_trains_the_video_ccnet_on_clips(camvid_demo, tmp_path):
+    """train.py --clip-length 3 --dataset camvid: the video network on clips, its snapshot records the clip flags and
+    holds the 3-D head (1x1x1 attention convolutions)."""
+    import train
+
+    argv = camvid_demo.training_argv(tmp_path, "--dataset", "camvid", "--clip-length", "3", "--frame-stride", "2",
+                                     "--input-size", "32,48", "--random-mirror", "--channels-last", "1", steps=2)
+    assert train.main(argv) == 0
+    snapshot = torch.load(tmp_path / "CS_scenes_2.pth", weights_only=True)
+    assert snapshot["args"]["clip_length"] == 3 and snapshot["args"]["frame_stride"] == 2
+    assert snapshot["model"]["head.cca.query_conv.weight"].dim() == 5
+    assert all(torch.isfinite(value).all() for value in snapshot["model"].values() if value.is_floating_point())
