@@ -1,7 +1,8 @@
 """Segment arbitrary images with a CCNet snapshot: colour predictions and overlays.
 
     python predict.py --restore-from snapshots/CS_scenes_60000.pth photo.jpg street/ --output predictions
-    python predict.py --restore-from demo_run/snapshots/CS_scenes_300.pth --backbone tiny --whole demo_data/leftImg8bit/val
+    python predict.py --restore-from demo_run/cityscapes/snapshots/CS_scenes_300.pth --backbone tiny --whole \\
+        demo_data/cityscapes/leftImg8bit/val/demoville
 
 Inputs: image files and/or folders (their images, not recursive), of any size, in any format OpenCV reads (PNG,
 JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<stem>``, writes to ``--output``:

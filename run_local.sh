@@ -10,8 +10,10 @@
 #                            whole images. DATASET=lip: on the LIP folder with CE2P's numbers (473x473 crops,
 #                            batch 40, 115000 steps, lr 7e-3, weight decay 5e-4: dataset/lip.py), whole images.
 #   ./run_local.sh           the demo, on the CPU: generates a small synthetic dataset (in the format of DATASET,
-#                            default cityscapes), trains the tiny configuration for a few minutes, evaluates it,
-#                            prints the mIoU table and the folder of colorized predictions.
+#                            default cityscapes) in demo_data/DATASET/, trains the tiny configuration for a few
+#                            minutes, evaluates it, prints the mIoU table and the folder of colorized predictions.
+#                            Each dataset's demo has its own demo_run/DATASET/ (snapshots/, predictions/); a rerun
+#                            of the same dataset's demo replaces that folder's, and says so in one line.
 #
 # GPU_IDS=cpu (with NPROC processes, default 1) runs the same recipe on the CPU, e.g. to check a set-up.
 # RESUME=SNAPSHOT_DIR/CS_scenes_<iter>.pth continues an interrupted run (train.py --resume), then evaluates.
@@ -110,8 +112,8 @@ if [[ $# -ge 1 ]]; then
 fi
 
 # ---- the demo: CPU only, a few minutes ----
-DEMO_DATA=${DEMO_DATA:-demo_data}
-DEMO_RUN=${DEMO_RUN:-demo_run}
+DEMO_DATA=${DEMO_DATA:-demo_data/$DATASET}
+DEMO_RUN=${DEMO_RUN:-demo_run/$DATASET}
 DEMO_TRAIN=${DEMO_TRAIN:-24}
 DEMO_VAL=${DEMO_VAL:-8}
 DEMO_HEIGHT=${DEMO_HEIGHT:-128}
@@ -126,7 +128,10 @@ echo "== 1/3 generating $DEMO_TRAIN + $DEMO_VAL synthetic ${DEMO_HEIGHT}x${DEMO_
      "$DEMO_DATA/"
 "$PYTHON" -m dataset.generate_demo "$DEMO_DATA" --dataset "$DATASET" --num-train "$DEMO_TRAIN" --num-val "$DEMO_VAL" \
     --height "$DEMO_HEIGHT" --width "$DEMO_WIDTH"
-rm -rf "$DEMO_RUN/snapshots" "$DEMO_RUN/predictions"  # a fresh run, not a resumed one
+if [[ -e "$DEMO_RUN/snapshots" || -e "$DEMO_RUN/predictions" ]]; then  # a fresh run, not a resumed one
+    echo "== replacing the earlier $DATASET demo's snapshots and predictions in $DEMO_RUN/"
+    rm -rf "$DEMO_RUN/snapshots" "$DEMO_RUN/predictions"
+fi
 echo "== 2/3 training the tiny CCNet (R=2$([[ "$CCL" == 1 ]] && echo ", CCL")) on the CPU: $DEMO_STEPS steps," \
      "batch $DEMO_BS, crops $DEMO_CROP"
 "$PYTHON" train.py --dataset "$DATASET" --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/train.lst" --backbone tiny \

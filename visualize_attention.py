@@ -1,8 +1,8 @@
 """The paper's attention figure: where a chosen point gathers its context from, after R=1 and R=2 loops.
 
     python visualize_attention.py --restore-from snapshots/CS_scenes_60000.pth IMAGE --point 400,1000
-    python visualize_attention.py --restore-from demo_run/snapshots/CS_scenes_300.pth --backbone tiny \\
-        demo_data/leftImg8bit/val/demoville/demoville_000001_000000_leftImg8bit.png --point 90,128 --point 30,60
+    python visualize_attention.py --restore-from demo_run/cityscapes/snapshots/CS_scenes_300.pth --backbone tiny \\
+        demo_data/cityscapes/leftImg8bit/val/demoville/demoville_000001_000000_leftImg8bit.png --point 90,128 --point 30,60
 
 One loop of criss-cross attention lets the pixel ``p`` aggregate the pixels ``u`` on its row and column with
 weights ``A1[p, u]`` (a softmax: they sum to 1). The second loop, with the same module, aggregates the first
