@@ -16,6 +16,8 @@
 #                            of the same dataset's demo replaces that folder's, and says so in one line.
 #
 # GPU_IDS=cpu (with NPROC processes, default 1) runs the same recipe on the CPU, e.g. to check a set-up.
+# RESTORE_FROM (default ./dataset/resnet101-imagenet.pth): a file, a URL or a weights-table name (train.py's
+# --restore-from; RESTORE_FROM=resnet101-imagenet downloads the ImageNet weights); empty: from scratch.
 # RESUME=SNAPSHOT_DIR/CS_scenes_<iter>.pth continues an interrupted run (train.py --resume), then evaluates.
 # CCL=1 trains with the category consistent loss of the TPAMI version (train.py --ccl 1), the demo too.
 # Every number is an environment variable, e.g. `STEPS=40000 BS=16 GPU_IDS=0,1 ./run_local.sh /data/cityscapes`
@@ -67,9 +69,11 @@ if [[ $# -ge 1 ]]; then
         NPROC=$(awk -F, '{print NF}' <<<"$GPU_IDS")
         DEVICE=(--gpu "$GPU_IDS")
     fi
-    if [[ -n "$RESTORE_FROM" && ! -f "$RESTORE_FROM" ]]; then
+    # a URL or a name of the weights table (no folder, no .pth: train.py downloads it) passes; a missing file stops
+    if [[ -n "$RESTORE_FROM" && ! -f "$RESTORE_FROM" && "$RESTORE_FROM" != *://* \
+          && ( "$RESTORE_FROM" == */* || "$RESTORE_FROM" == *.pth ) ]]; then
         echo "run_local.sh: RESTORE_FROM=$RESTORE_FROM: no such file (the ImageNet weights: see the README's" \
-             "Weights); RESTORE_FROM= trains from scratch" >&2
+             "Weights; RESTORE_FROM=resnet101-imagenet downloads them); RESTORE_FROM= trains from scratch" >&2
         exit 1
     fi
     last_snapshot=$(ls -1v "$SNAPSHOT_DIR"/CS_scenes_*.pth 2>/dev/null | tail -n 1 || true)

@@ -102,3 +102,17 @@ def test_each_demo_dataset_has_its_own_folders_and_a_rerun_says_what_it_replaces
     assert (tmp_path / "demo_run" / "ade20k" / "snapshots" / "CS_scenes_300.pth").is_file()
     assert "--data-dir demo_data/cityscapes --data-list demo_data/cityscapes/train.lst" in \
         (tmp_path / "calls.log").read_text()
+
+
+def test_the_recipe_stops_at_a_missing_restore_from_file_but_passes_names_on(tmp_path, repo_root):
+    env = dict(os.environ, PYTHON=sys.executable, GPU_IDS="cpu", SNAPSHOT_DIR=str(tmp_path / "snapshots"),
+               RESTORE_FROM=str(tmp_path / "resnet101-imagnet.pth"))
+    done = subprocess.run([str(repo_root / "run_local.sh"), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith(f"run_local.sh: RESTORE_FROM={env['RESTORE_FROM']}: no such")
+    # a name goes on to train.py (which downloads it): here the missing list files stop the run instead
+    env.update(RESTORE_FROM="resnet101-imagenet", TRAIN_LIST=str(tmp_path / "lists" / "train.lst"))
+    done = subprocess.run([str(repo_root / "run_local.sh"), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "RESTORE_FROM" not in done.stderr
+    assert done.stderr.strip() == f"make_lists.py: error: not a Cityscapes folder (no leftImg8bit/ inside): {tmp_path}"
