@@ -2,6 +2,7 @@
 the predictions.
 
     python evaluate.py --data-dir CS --restore-from snapshots/CS_scenes_60000.pth            # sliding 769 tiles
+    python evaluate.py --data-dir CS --restore-from ccnet-r101-cityscapes-r2                 # a released snapshot
     python evaluate.py ... --whole --scales 0.75,1.0,1.25 --flip                              # multi-scale + flip
     torchrun --nproc_per_node 4 evaluate.py ...                                               # distributed
     python evaluate.py ... --data-list dataset/list/cityscapes/test.lst --save-pred outputs   # test server
@@ -10,12 +11,13 @@ Inference (see ``utils.inference``): the dataset's mode by default (Cityscapes: 
 ``--input-size``, 1/3 overlap, logits averaged: the original; ADE20K and LIP: the whole image), ``--whole`` for one
 pass over the whole image, ``--no-whole`` for tiles; ``--scales`` / ``--flip`` average the logits of every scale and
 of the left-right mirrored image (with the dataset's left/right classes swapped in the mirrored one: LIP's arms, legs
-and shoes). ``--dataset`` and the model flags default to the snapshot's.
+and shoes). ``--restore-from`` is a file, a URL or a released snapshot's name (downloaded into torch.hub's cache:
+``engine.inference_model.resolve_restore_from``); ``--dataset`` and the model flags default to the snapshot's.
 
 Scores (see ``utils.metrics``): one confusion matrix over all valid pixels (summed over the processes under
 torchrun; each process takes a contiguous share of the list, so no image is counted twice or left out), IoU per
 class, mean IoU, pixel accuracy, mean (per-class) accuracy. ``result.json`` goes into ``--save-pred`` if given, else
-beside the snapshot.
+beside the snapshot (a downloaded one: into the current folder, not torch.hub's cache).
 
 ``--save-pred DIR`` writes ``DIR/<stem>.png`` (paletted: pixel = train id, in the dataset's colours) and
 ``DIR/labelIds/<stem>.png`` (single channel, full resolution, the values of the dataset's label files: Cityscapes
@@ -45,7 +47,8 @@ from dataset.predictions import save_label_png, save_paletted_png
 from dataset.registry import get_dataset, per_dataset
 from dataset.segmentation import IGNORE_LABEL, DataError
 from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments,
-                                    build_and_load, check_tile_size, inference_model, load_snapshot)
+                                    build_and_load, check_tile_size, inference_model, load_snapshot,
+                                    resolve_restore_from)
 from utils.checkpoint import CHECKSUM_KEY, CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_path, parse_positive_int, run_main
 from utils.distributed import (add_collective_timeout_argument, all_reduce_sum, apply_gpu_choice, barrier,
@@ -115,7 +118,10 @@ def check_save_pred(save_pred: str, entries, restore_from: str) -> None:
 
 
 def beside_snapshot(args) -> str:
-    """result.json's path without ``--save-pred``: in the snapshot's folder."""
+    """result.json's path without ``--save-pred``: in the snapshot's folder; for a snapshot downloaded from a URL or
+    a name (torch.hub's cache, shared by every download), in the current folder."""
+    if args.downloaded:
+        return os.path.abspath(RESULT_NAME)
     return os.path.join(os.path.dirname(os.path.abspath(args.restore_from)), RESULT_NAME)
 
 
@@ -175,6 +181,7 @@ def run(args) -> None:
     """Evaluate as ``args`` (from :func:`parse_args`) say: print the scores, write result.json and predictions.
 
     Joins the process group that torchrun describes (if any) and leaves it at the end."""
+    resolve_restore_from(args)  # a URL or a name: the downloaded file (every process; downloads are atomic)
     with process_group(apply_gpu_choice(args.gpu), args.collective_timeout) as info:
         checkpoint = load_snapshot(args, verbose=is_main_process())  # also the dataset and its defaults
         check_tile_size(args, args.batch_size)

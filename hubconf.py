@@ -9,7 +9,7 @@ the image size). See docs/model.md.
 """
 from networks import build_model as _build_model
 from utils.checkpoint import load_model_weights as _load_model_weights
-from utils.weights import WEIGHTS as _WEIGHTS
+from utils.weights import published_model_flags as _published_model_flags
 from utils.weights import resolve_weights as _resolve_weights
 
 dependencies = ["torch", "numpy"]
@@ -29,11 +29,11 @@ def ccnet(backbone: str = "resnet101", num_classes: int = None, recurrence: int 
         norm: ``"auto"``, ``"bn"``, ``"inplace_abn"``, ... (``networks.build_model``); the weights load into any.
         model: ``"ccnet"``, ``"nonlocal"`` or ``"baseline"`` (the paper's comparisons).
     """
-    published = _WEIGHTS.get(weights) if isinstance(weights, str) else None
+    published = _published_model_flags(weights)
     if num_classes is None:
-        num_classes = published.num_classes if published and published.num_classes else 19
+        num_classes = published.get("num_classes", 19)
     if recurrence is None:
-        recurrence = published.recurrence if published and published.recurrence else 2
+        recurrence = published.get("recurrence", 2)
     network = _build_model(model, backbone, num_classes, recurrence, norm)
     if weights:
         _load_model_weights(network, _resolve_weights(weights, flag="weights="))

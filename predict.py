@@ -1,7 +1,8 @@
 """Segment arbitrary images with a CCNet snapshot: colour predictions and overlays.
 
     python predict.py --restore-from snapshots/CS_scenes_60000.pth photo.jpg street/ --output predictions
-    python predict.py --restore-from demo_run/snapshots/CS_scenes_300.pth --backbone tiny --whole demo_data/leftImg8bit/val
+    python predict.py --restore-from demo_run/cityscapes/snapshots/CS_scenes_300.pth --backbone tiny --whole \\
+        demo_data/cityscapes/leftImg8bit/val/demoville
 
 Inputs: image files and/or folders (their images, not recursive), of any size, in any format OpenCV reads (PNG,
 JPEG, BMP, TIFF, WebP, ...; grey images are read as colour). For each image ``<stem>``, writes to ``--output``:
@@ -31,7 +32,8 @@ from dataset.registry import get_dataset
 from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
 from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments,
-                                    build_and_load, check_tile_size, inference_model, load_snapshot)
+                                    build_and_load, check_tile_size, inference_model, load_snapshot,
+                                    resolve_restore_from)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_fraction, parse_path, path_problem, run_main
 from utils.distributed import apply_gpu_choice
@@ -74,7 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser = ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--output", type=parse_path, default="predictions",
-                        help="folder for the predictions and overlays")
+                        help="folder for the predictions and overlays (default: predictions/ in the current folder; "
+                             "a folder that holds an input image is refused)")
     parser.add_argument("--alpha", type=parse_fraction, default=0.5, help="opacity of the colours in the overlays")
     add_model_arguments(parser)
     add_inference_arguments(parser)
@@ -90,6 +93,7 @@ def output_paths(output: str, image: str) -> Tuple[str, str]:
 
 def run(args) -> None:
     """Segment the images ``args`` (from :func:`parse_args`) name; write the predictions and overlays."""
+    resolve_restore_from(args)  # a URL or a name: the downloaded file, which the checks below compare against
     images = find_images(args.inputs)
     written = [path for image in images for path in output_paths(args.output, image)]
     # before any work: outputs never replace inputs

@@ -10,10 +10,14 @@
 #                            whole images. DATASET=lip: on the LIP folder with CE2P's numbers (473x473 crops,
 #                            batch 40, 115000 steps, lr 7e-3, weight decay 5e-4: dataset/lip.py), whole images.
 #   ./run_local.sh           the demo, on the CPU: generates a small synthetic dataset (in the format of DATASET,
-#                            default cityscapes), trains the tiny configuration for a few minutes, evaluates it,
-#                            prints the mIoU table and the folder of colorized predictions.
+#                            default cityscapes) in demo_data/DATASET/, trains the tiny configuration for a few
+#                            minutes, evaluates it, prints the mIoU table and the folder of colorized predictions.
+#                            Each dataset's demo has its own demo_run/DATASET/ (snapshots/, predictions/); a rerun
+#                            of the same dataset's demo replaces that folder's, and says so in one line.
 #
 # GPU_IDS=cpu (with NPROC processes, default 1) runs the same recipe on the CPU, e.g. to check a set-up.
+# RESTORE_FROM (default ./dataset/resnet101-imagenet.pth): a file, a URL or a weights-table name (train.py's
+# --restore-from; RESTORE_FROM=resnet101-imagenet downloads the ImageNet weights); empty: from scratch.
 # RESUME=SNAPSHOT_DIR/CS_scenes_<iter>.pth continues an interrupted run (train.py --resume), then evaluates.
 # CCL=1 trains with the category consistent loss of the TPAMI version (train.py --ccl 1), the demo too.
 # Every number is an environment variable, e.g. `STEPS=40000 BS=16 GPU_IDS=0,1 ./run_local.sh /data/cityscapes`
@@ -65,9 +69,11 @@ if [[ $# -ge 1 ]]; then
         NPROC=$(awk -F, '{print NF}' <<<"$GPU_IDS")
         DEVICE=(--gpu "$GPU_IDS")
     fi
-    if [[ -n "$RESTORE_FROM" && ! -f "$RESTORE_FROM" ]]; then
+    # a URL or a name of the weights table (no folder, no .pth: train.py downloads it) passes; a missing file stops
+    if [[ -n "$RESTORE_FROM" && ! -f "$RESTORE_FROM" && "$RESTORE_FROM" != *://* \
+          && ( "$RESTORE_FROM" == */* || "$RESTORE_FROM" == *.pth ) ]]; then
         echo "run_local.sh: RESTORE_FROM=$RESTORE_FROM: no such file (the ImageNet weights: see the README's" \
-             "Weights); RESTORE_FROM= trains from scratch" >&2
+             "Weights; RESTORE_FROM=resnet101-imagenet downloads them); RESTORE_FROM= trains from scratch" >&2
         exit 1
     fi
     last_snapshot=$(ls -1v "$SNAPSHOT_DIR"/CS_scenes_*.pth 2>/dev/null | tail -n 1 || true)
@@ -110,8 +116,8 @@ if [[ $# -ge 1 ]]; then
 fi
 
 # ---- the demo: CPU only, a few minutes ----
-DEMO_DATA=${DEMO_DATA:-demo_data}
-DEMO_RUN=${DEMO_RUN:-demo_run}
+DEMO_DATA=${DEMO_DATA:-demo_data/$DATASET}
+DEMO_RUN=${DEMO_RUN:-demo_run/$DATASET}
 DEMO_TRAIN=${DEMO_TRAIN:-24}
 DEMO_VAL=${DEMO_VAL:-8}
 DEMO_HEIGHT=${DEMO_HEIGHT:-128}
@@ -126,7 +132,10 @@ echo "== 1/3 generating $DEMO_TRAIN + $DEMO_VAL synthetic ${DEMO_HEIGHT}x${DEMO_
      "$DEMO_DATA/"
 "$PYTHON" -m dataset.generate_demo "$DEMO_DATA" --dataset "$DATASET" --num-train "$DEMO_TRAIN" --num-val "$DEMO_VAL" \
     --height "$DEMO_HEIGHT" --width "$DEMO_WIDTH"
-rm -rf "$DEMO_RUN/snapshots" "$DEMO_RUN/predictions"  # a fresh run, not a resumed one
+if [[ -e "$DEMO_RUN/snapshots" || -e "$DEMO_RUN/predictions" ]]; then  # a fresh run, not a resumed one
+    echo "== replacing the earlier $DATASET demo's snapshots and predictions in $DEMO_RUN/"
+    rm -rf "$DEMO_RUN/snapshots" "$DEMO_RUN/predictions"
+fi
 echo "== 2/3 training the tiny CCNet (R=2$([[ "$CCL" == 1 ]] && echo ", CCL")) on the CPU: $DEMO_STEPS steps," \
      "batch $DEMO_BS, crops $DEMO_CROP"
 "$PYTHON" train.py --dataset "$DATASET" --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/train.lst" --backbone tiny \

@@ -40,6 +40,7 @@ from utils.logger import TrainingLogger
 from utils.loss import CategoryConsistentLoss, CriterionDSN
 from utils.rng import gather_rng_states
 from utils.schedule import poly_lr, set_lr
+from utils.weights import resolve_weights
 
 
 def build_parser() -> ArgumentParser:
@@ -85,8 +86,10 @@ def build_parser() -> ArgumentParser:
                             "synchronized across GPU processes (on the CPU there is no synchronized kind: auto "
                             "then gives per-process BatchNorm)")
     model.add_argument("--restore-from", default="./dataset/resnet101-imagenet.pth",
-                       help="ImageNet weights for the backbone (the README's Weights say where to get them; a "
-                            "missing file is an error); '' trains from scratch")
+                       help="the initial weights: a file, an http(s):// or file:// URL, or a name of the weights "
+                            "table (resnet101-imagenet: the ImageNet backbone; a released snapshot's name); URLs and "
+                            "names are downloaded once into torch.hub's cache (the README's Weights); a missing file "
+                            "is an error; '' trains from scratch")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--batch-size", type=parse_positive_int, default=None,
@@ -196,6 +199,8 @@ def train(args) -> torch.nn.Module:
 
     Joins the process group that torchrun describes (if any) and leaves it at the end; holds the run's folders
     meanwhile (``engine.training_run``: locks, refusals, resume, the finite save)."""
+    if args.resume is None:  # a URL or a name: the downloaded file (every process; downloads are atomic)
+        args.restore_from = resolve_weights(args.restore_from)
     if args.resume is None and args.restore_from and not os.path.isfile(args.restore_from):
         raise TrainingError(f"--restore-from {args.restore_from}: no such file (ImageNet weights: see the README's "
                             "Weights for resnet101-imagenet.pth); pass --restore-from '' to train from scratch")

@@ -1,8 +1,8 @@
 """The paper's attention figure: where a chosen point gathers its context from, after R=1 and R=2 loops.
 
     python visualize_attention.py --restore-from snapshots/CS_scenes_60000.pth IMAGE --point 400,1000
-    python visualize_attention.py --restore-from demo_run/snapshots/CS_scenes_300.pth --backbone tiny \\
-        demo_data/leftImg8bit/val/demoville/demoville_000001_000000_leftImg8bit.png --point 90,128 --point 30,60
+    python visualize_attention.py --restore-from demo_run/cityscapes/snapshots/CS_scenes_300.pth --backbone tiny \\
+        demo_data/cityscapes/leftImg8bit/val/demoville/demoville_000001_000000_leftImg8bit.png --point 90,128 --point 30,60
 
 One loop of criss-cross attention lets the pixel ``p`` aggregate the pixels ``u`` on its row and column with
 weights ``A1[p, u]`` (a softmax: they sum to 1). The second loop, with the same module, aggregates the first
@@ -12,8 +12,9 @@ network once on the whole image, captures the input of every loop of ``model.hea
 recomputes each loop's attention ``A_r = softmax(ca_weight(q, k))`` with the reference functions of
 ``cc_attention``, and composes the hops with the transpose of ``ca_map`` (its vector-Jacobian product).
 
-Output (default: beside the image, ``<stem>_attention.png``): one row per ``--point``: the image with the point
-and the prediction, then the map after each loop (R = 1, 2, ...), each divided by its maximum and shown on a
+Output (default: ``attention/<stem>_attention.png`` in the current folder -- never the image's own folder, so
+that a later ``predict.py`` on that folder does not segment the figure): one row per ``--point``: the image with
+the point and the prediction, then the map after each loop (R = 1, 2, ...), each divided by its maximum and shown on a
 square-root colour scale (so that the small two-hop weights far from the point stay visible).
 """
 import os
@@ -29,15 +30,17 @@ from dataset.predictions import overlay
 from dataset.registry import get_dataset
 from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
-from engine.inference_model import add_model_arguments, add_speed_arguments, build_and_load, inference_model, load_snapshot
+from engine.inference_model import (add_model_arguments, add_speed_arguments, build_and_load, inference_model,
+                                    load_snapshot, resolve_restore_from)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_max_pixels_argument, parse_path, parse_point, parse_positive_float, run_main
 from utils.distributed import apply_gpu_choice
 from utils.inference import check_scales
 from utils.logits import upsample_logits
-from utils.outputs import atomic_output, check_encoded, check_output_file
+from utils.outputs import atomic_output, check_encoded, check_output_file, check_output_folder
 
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_OUTPUT_FOLDER = "attention"  # in the current folder
 # --max-pixels: each loop's attention holds (h + w - 1) * h * w weights at 1/8 of the image's size, so the image
 # is held to 16 M pixels (4096 x 4096: 1 GiB of attention per loop), less than a plain forward pass
 MAX_PIXELS = 2 ** 24
@@ -131,7 +134,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--scale", type=parse_positive_float, default=1.0,
                         help="resize the image first (e.g. 0.5 on a CPU)")
     parser.add_argument("--output", type=parse_path, default=None,
-                        help="PNG (or JPEG) to write (default: beside the image, <stem>_attention.png)")
+                        help=f"PNG (or JPEG) to write (default: {DEFAULT_OUTPUT_FOLDER}/<stem>_attention.png in "
+                             "the current folder; a folder that holds the image is refused)")
     add_max_pixels_argument(parser, default=MAX_PIXELS)
     add_model_arguments(parser)
     add_speed_arguments(parser)
@@ -149,8 +153,14 @@ def check_model_args(args) -> None:
 
 def run(args) -> None:
     """Draw the attention figure ``args`` (from :func:`parse_args`) describe."""
-    output = args.output or os.path.splitext(args.image)[0] + "_attention.png"
-    check_output_file("--output", output, [args.image], FIGURE_SUFFIXES, checkpoints=[args.restore_from])
+    resolve_restore_from(args)  # a URL or a name: the downloaded file, which the output check compares against
+    if args.output is None:
+        stem = os.path.splitext(os.path.basename(args.image))[0]
+        output = os.path.join(DEFAULT_OUTPUT_FOLDER, f"{stem}_attention.png")
+        check_output_folder("--output", DEFAULT_OUTPUT_FOLDER, [output], [args.image], checkpoints=[args.restore_from])
+    else:
+        output = args.output
+        check_output_file("--output", output, [args.image], FIGURE_SUFFIXES, checkpoints=[args.restore_from])
     image = read_image_file(args.image)
     check_scales(image.shape[:2], [args.scale], args.image, flag="--scale", max_pixels=args.max_pixels)
     if args.scale != 1.0:

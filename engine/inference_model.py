@@ -3,10 +3,16 @@ visualize_attention.py, export_onnx.py): their shared flags, the model flags res
 and loading, and how the model runs (:class:`InferenceModel`: memory format and autocast, ``--channels-last`` and
 ``--amp``).
 
+``--restore-from`` is a file, an ``http(s)://`` or ``file://`` URL, or a name of the weights table
+(``utils.weights.WEIGHTS``): each tool's run calls :func:`resolve_restore_from` first, which replaces a URL or a
+name by the downloaded file in torch.hub's cache, so that every later use (the output checks, the loader, result.json)
+sees the file.
+
 The model flags (``--dataset`` among them) default to None on the command line: :func:`resolve_model_args` fills
-them in from the snapshot's saved ``args`` (train.py saves them), else from :data:`MODEL_DEFAULTS` (the original's
-released snapshots are raw state dicts); the number of classes defaults to the dataset's, and the inference flags
-to the dataset's evaluation defaults (``dataset.spec``).
+them in from the snapshot's saved ``args`` (train.py saves them), else from the table entry's R and classes when
+``--restore-from`` named one, else from :data:`MODEL_DEFAULTS` (the original's released snapshots are raw state
+dicts); the number of classes defaults to the dataset's, and the inference flags to the dataset's evaluation
+defaults (``dataset.spec``).
 """
 import argparse
 import sys
@@ -23,6 +29,7 @@ from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.cli import (add_max_pixels_argument, check_pixels, parse_auto_bool, parse_non_negative_int, parse_path,
                        parse_positive_int, parse_scales, parse_size)
 from utils.distributed import add_gpu_argument
+from utils.weights import published_model_flags, released_snapshot_names, resolve_weights
 
 # The model flags' values when neither the command line nor the snapshot's saved ``args`` give them (None: the
 # dataset's number of classes).
@@ -32,8 +39,12 @@ MODEL_DEFAULTS = {"dataset": DEFAULT_DATASET, "model": "ccnet", "backbone": "res
 
 def add_model_arguments(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
     """``--restore-from --dataset --model --backbone --recurrence --num-classes`` and ``--gpu`` (if ``gpu``)."""
-    parser.add_argument("--restore-from", type=parse_path, required=True, help="snapshot: ours (train.py) or an original release")
-    from_snapshot = "default: the snapshot's (train.py saves its args), else {}"
+    parser.add_argument("--restore-from", type=parse_path, required=True,
+                        help="the snapshot: a file (ours, from train.py, or an original release), an http(s):// or "
+                             "file:// URL, or a released snapshot's name (" + released_snapshot_names() + "); URLs "
+                             "and names are downloaded once into torch.hub's cache")
+    parser.set_defaults(published_flags={}, downloaded=False)  # set by resolve_restore_from
+    from_snapshot = "default: the snapshot's (train.py saves its args; a released snapshot's name: its own), else {}"
     parser.add_argument("--dataset", default=None, choices=DATASET_NAMES,
                         help="what the model was trained on (its classes, colours and evaluation defaults); "
                              + from_snapshot.format(MODEL_DEFAULTS["dataset"]))
@@ -78,14 +89,27 @@ def check_tile_size(args, images_per_pass: int = 1) -> None:
                      args.tile_batch * images_per_pass)
 
 
+def resolve_restore_from(args) -> None:
+    """Make ``args.restore_from`` a local file before anything treats it as a path: a URL or a name of
+    ``utils.weights.WEIGHTS`` is downloaded (once; SHA-256 checked where known) and replaced by the file in
+    torch.hub's cache; a path stays as it is. Sets ``args.published_flags`` (the R and classes a released
+    snapshot's name states: :func:`resolve_model_args`' defaults) and ``args.downloaded``. Raises
+    ``CheckpointError`` (one line naming ``--restore-from``) when the download fails."""
+    given = args.restore_from
+    args.published_flags = published_model_flags(given)
+    args.restore_from = resolve_weights(given)
+    args.downloaded = args.restore_from != given
+
+
 def resolve_model_args(args, checkpoint: dict, verbose: bool = True) -> None:
     """Fill in ``args.dataset / model / backbone / recurrence / num_classes`` left None on the command line: from
-    the snapshot's saved ``args`` (ours), else :data:`MODEL_DEFAULTS` (original releases: raw state dicts), the
-    number of classes else the dataset's. A flag given explicitly wins; if it differs from the snapshot's, one
-    warning line is printed (when ``verbose``)."""
+    the snapshot's saved ``args`` (ours), else the released snapshot's name (``args.published_flags``, from
+    :func:`resolve_restore_from`), else :data:`MODEL_DEFAULTS` (original releases: raw state dicts), the number of
+    classes else the dataset's. A flag given explicitly wins; if it differs from the snapshot's, one warning line is
+    printed (when ``verbose``)."""
     saved = checkpoint.get("args")
     saved = saved if isinstance(saved, dict) else {}
-    for name, default in MODEL_DEFAULTS.items():
+    for name, default in {**MODEL_DEFAULTS, **args.published_flags}.items():
         given, stored = getattr(args, name), saved.get(name)
         if given is None:
             setattr(args, name, default if stored is None else stored)

@@ -175,6 +175,23 @@ def test_original_release_format_gives_the_same_scores(demo, tmp_path):
     assert ours == theirs
 
 
+def test_restore_from_a_file_url_evaluates_the_downloaded_copy(demo, tmp_path, monkeypatch):
+    """A URL is downloaded into torch.hub's cache and scored like the file; result.json then goes to the current
+    folder, not into the cache."""
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(_args(demo, "--whole", "--save-pred", str(tmp_path / "by_path"))) == 0
+    by_url = _args(demo, "--whole")
+    by_url[by_url.index("--restore-from") + 1] = Path(demo["snapshot"]).as_uri()
+    assert evaluate.main(by_url) == 0
+    assert sorted(path.name for path in cache.iterdir()) == ["CS_scenes_10.pth"]
+    by_path = json.loads((tmp_path / "by_path" / "result.json").read_text())
+    downloaded = json.loads((tmp_path / "result.json").read_text())
+    assert downloaded.pop("snapshot") == str(cache / "CS_scenes_10.pth") and by_path.pop("snapshot") == demo["snapshot"]
+    assert downloaded == by_path  # the same scores, and the checksum of the same tensors
+
+
 def test_model_flags_default_to_the_snapshots_args(demo, capsys):
     args = _args(demo, "--whole")
     del args[args.index("--backbone"):args.index("--backbone") + 2]  # the snapshot's args say tiny

@@ -94,3 +94,16 @@ def test_every_table_entry_is_complete():
         assert entry.url.startswith("http") and entry.file_name.endswith(".pth"), name
         assert (entry.recurrence is None) == (entry.num_classes is None) == (entry.val_miou is None), name
     assert len({entry.file_name for entry in WEIGHTS.values()}) == len(WEIGHTS)
+
+
+def test_train_restores_from_a_file_url(training_demo, tmp_path, torch_home, capsys):
+    import train  # the script: composed here, imported by no package
+
+    torch.manual_seed(5)
+    weights = tmp_path / "initial.pth"
+    torch.save(build_model("ccnet", "tiny", num_classes=19, recurrence=2, norm="bn").state_dict(), weights)
+    argv = training_demo.training_argv(tmp_path / "run", steps=1)
+    argv[argv.index("--restore-from") + 1] = weights.as_uri()
+    assert train.main(argv) == 0
+    output = capsys.readouterr()
+    assert f"weights from {torch_home / 'initial.pth'}" in output.out + output.err

@@ -14,6 +14,7 @@ from dataset.transforms import image_to_tensor
 from engine.inference_model import InferenceModel
 from networks import build_model
 from utils.checkpoint import save_checkpoint
+from utils.weights import WEIGHTS, PublishedWeights
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +98,54 @@ def test_attention_maps_compose_two_criss_cross_hops(snapshot):
     assert torch.all(two_loops > 0)  # two hops: the whole image
 
 
-def test_visualize_attention_writes_one_row_per_point_beside_the_image(snapshot, tmp_path, failed_run):
-    image_path = tmp_path / "scene.png"
-    cv2.imwrite(str(image_path), _random_image(48, 64))
-    args = ["--restore-from", snapshot, "--backbone", "tiny", "--gpu", "cpu", str(image_path),
+def test_visualize_attention_writes_one_row_per_point_into_attention_of_the_current_folder(
+        snapshot, tmp_path, monkeypatch, failed_run):
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "scene.png"), _random_image(48, 64))
+    monkeypatch.chdir(images)  # even run from the image's folder, the figure does not go next to the image
+    args = ["--restore-from", snapshot, "--backbone", "tiny", "--gpu", "cpu", "scene.png",
             "--point", "10,20", "--point", "47,63"]
     assert visualize_attention.main(args) == 0
-    figure = cv2.imread(str(tmp_path / "scene_attention.png"))
+    assert sorted(os.listdir(images)) == ["attention", "scene.png"]
+    figure = cv2.imread(str(images / "attention" / "scene_attention.png"))
     assert figure.shape == (2 * 48, 3 * 64, 3)  # rows: points; columns: prediction, R=1, R=2
     assert "outside" in failed_run(visualize_attention.main, args[:-4] + ["--point", "48,0"])
+    # an image inside the default folder: the default would write next to it, so it is refused
+    cv2.imwrite(str(images / "attention" / "inside.png"), _random_image(48, 64))
+    message = failed_run(visualize_attention.main, [*args[:4], "attention/inside.png", "--point", "1,1"])
+    assert message.startswith("--output attention: ") and "holds the input attention/inside.png" in message
+    assert sorted(os.listdir(images / "attention")) == ["inside.png", "scene_attention.png"]
+
+
+def test_predict_writes_into_predictions_of_the_current_folder_and_never_into_an_input_folder(
+        snapshot, tmp_path, monkeypatch, failed_run):
+    cv2.imwrite(str(tmp_path / "scene.png"), _random_image(40, 48))
+    monkeypatch.chdir(tmp_path)
+    args = ["--restore-from", snapshot, "--backbone", "tiny", "--gpu", "cpu", "--whole"]
+    assert predict.main(args + ["."]) == 0  # the current folder is the input folder: the outputs go below it
+    assert sorted(os.listdir(tmp_path / "predictions")) == [".lock", "scene.png", "scene_overlay.jpg"]
+    message = failed_run(predict.main, args + ["predictions"])  # the default folder as the input: refused
+    assert message == ("--output predictions: writing predictions/scene.png would replace the input "
+                       "predictions/scene.png; choose another output")
+
+
+def test_a_released_snapshots_name_gives_its_r_and_classes(tmp_path, monkeypatch):
+    """A name of the weights table (here one pointing at a file:// URL) is downloaded, and its R and number of
+    classes are the model flags' defaults: a raw state dict does not say them."""
+    torch.manual_seed(1)
+    raw = tmp_path / "raw.pth"
+    torch.save(build_model(backbone="tiny", num_classes=5, recurrence=1, norm="bn").state_dict(), raw)
+    monkeypatch.setitem(WEIGHTS, "tiny-r1", PublishedWeights(raw.as_uri(), "tiny-r1.pth", "a test entry",
+                                                             recurrence=1, num_classes=5))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cv2.imwrite(str(tmp_path / "scene.png"), _random_image(48, 64))
+    output = tmp_path / "figure.png"
+    args = ["--restore-from", "tiny-r1", "--backbone", "tiny", "--gpu", "cpu", str(tmp_path / "scene.png"),
+            "--point", "10,20", "--output", str(output)]
+    assert visualize_attention.main(args) == 0
+    assert cv2.imread(str(output)).shape == (48, 2 * 64, 3)  # columns: the prediction and R=1 only
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "tiny-r1.pth").is_file()
 
 
 @pytest.mark.parametrize("flags, message", [(["--recurrence", "0"], "recurrence"),

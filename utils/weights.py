@@ -56,6 +56,20 @@ WEIGHTS: Dict[str, PublishedWeights] = {
 }
 
 
+def published_model_flags(spec) -> Dict[str, int]:
+    """The model flags a name of :data:`WEIGHTS` states: ``{"recurrence": R, "num_classes": K}`` for a released
+    snapshot (a raw state dict, which does not say them itself); ``{}`` for backbone weights, paths, URLs and None."""
+    entry = WEIGHTS.get(spec) if isinstance(spec, str) else None
+    if entry is None or entry.recurrence is None:
+        return {}
+    return {"recurrence": entry.recurrence, "num_classes": entry.num_classes}
+
+
+def released_snapshot_names() -> str:
+    """The names of :data:`WEIGHTS` that are whole snapshots (not backbone weights), for help texts."""
+    return ", ".join(name for name, entry in WEIGHTS.items() if entry.recurrence is not None)
+
+
 def is_url(spec: str) -> bool:
     return urlparse(spec).scheme in ("http", "https", "file")
 
