@@ -186,7 +186,8 @@ def run(args) -> None:
         checkpoint = load_snapshot(args, verbose=is_main_process())  # also the dataset and its defaults
         check_tile_size(args, args.batch_size)
         spec = get_dataset(args.dataset)
-        dataset = spec.dataset(args.data_dir, args.data_list, training=False)
+        dataset = spec.dataset(args.data_dir, args.data_list, clip_length=args.clip_length,
+                               frame_stride=args.frame_stride, training=False)
         labelled = dataset.entries[0].label_path is not None
         if not labelled and not args.save_pred:
             raise DataError(f"{args.data_list} has no labels to score against: pass --save-pred DIR to write "

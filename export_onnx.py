@@ -27,7 +27,8 @@ from dataset.registry import get_dataset, per_dataset
 from dataset.transforms import IMG_MEAN_BGR
 from engine.onnx_export import (INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, compare_with_onnxruntime,
                                 export_onnx)
-from engine.inference_model import add_model_arguments, build_and_load, load_snapshot, resolve_restore_from
+from engine.inference_model import (add_model_arguments, build_and_load, load_snapshot, refuse_video_model,
+                                    resolve_restore_from)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_max_pixels_argument, check_pixels, parse_path, parse_size, run_main
 from utils.outputs import atomic_output, check_output_file
@@ -61,6 +62,7 @@ def run(args) -> None:
     resolve_restore_from(args)  # a URL or a name: the downloaded file, which the output check compares against
     check_output_file("--output", args.output, [], (".onnx",), checkpoints=[args.restore_from])
     checkpoint = load_snapshot(args)  # the model flags, the dataset, and the input size's default
+    refuse_video_model(args, "export_onnx.py")
     check_pixels(f"--input-size {args.input_size[0]},{args.input_size[1]}", *args.input_size, args.max_pixels)
     model = build_and_load(args, torch.device("cpu"), checkpoint=checkpoint)
     spec = get_dataset(args.dataset)

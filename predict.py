@@ -31,8 +31,8 @@ from dataset.predictions import overlay, save_paletted_png
 from dataset.registry import get_dataset
 from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
-from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments,
-                                    build_and_load, check_tile_size, inference_model, load_snapshot,
+from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments, build_and_load,
+                                    check_tile_size, inference_model, load_snapshot, refuse_video_model,
                                     resolve_restore_from)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, parse_fraction, parse_path, path_problem, run_main
@@ -99,6 +99,7 @@ def run(args) -> None:
     # before any work: outputs never replace inputs
     check_output_folder("--output", args.output, written, images, checkpoints=[args.restore_from])
     checkpoint = load_snapshot(args)  # also resolves the dataset and its defaults
+    refuse_video_model(args, "predict.py")
     check_tile_size(args)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
     model = inference_model(build_and_load(args, device, checkpoint=checkpoint), args, device)

@@ -31,7 +31,7 @@ from dataset.registry import get_dataset
 from dataset.segmentation import DataError, read_image_file
 from dataset.transforms import image_to_tensor
 from engine.inference_model import (add_model_arguments, add_speed_arguments, build_and_load, inference_model,
-                                    load_snapshot, resolve_restore_from)
+                                    load_snapshot, refuse_video_model, resolve_restore_from)
 from utils.checkpoint import CheckpointError
 from utils.cli import ArgumentParser, add_max_pixels_argument, parse_path, parse_point, parse_positive_float, run_main
 from utils.distributed import apply_gpu_choice
@@ -170,6 +170,7 @@ def run(args) -> None:
         if not (0 <= y < height and 0 <= x < width):
             raise ValueError(f"--point {y},{x} lies outside the {height}x{width} image")
     checkpoint = load_snapshot(args)
+    refuse_video_model(args, "visualize_attention.py")
     check_model_args(args)
     device = torch.device("cuda" if apply_gpu_choice(args.gpu) else "cpu")
     model = build_and_load(args, device, checkpoint=checkpoint)

@@ -23,7 +23,7 @@ from torch import nn
 
 from dataset.registry import DATASET_NAMES, DEFAULT_DATASET, get_dataset, per_dataset
 from dataset.spec import fill_unset
-from engine.train_step import AMP_DTYPES, use_channels_last
+from engine.train_step import AMP_DTYPES, channels_last_input, use_channels_last
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.cli import (add_max_pixels_argument, check_pixels, parse_auto_bool, parse_non_negative_int, parse_path,
@@ -34,11 +34,12 @@ from utils.weights import published_model_flags, released_snapshot_names, resolv
 # The model flags' values when neither the command line nor the snapshot's saved ``args`` give them (None: the
 # dataset's number of classes).
 MODEL_DEFAULTS = {"dataset": DEFAULT_DATASET, "model": "ccnet", "backbone": "resnet101", "recurrence": 2,
-                  "num_classes": None}
+                  "num_classes": None, "clip_length": 1, "frame_stride": 1}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, gpu: bool = True) -> None:
-    """``--restore-from --dataset --model --backbone --recurrence --num-classes`` and ``--gpu`` (if ``gpu``)."""
+    """``--restore-from --dataset --model --backbone --recurrence --num-classes --clip-length --frame-stride`` and
+    ``--gpu`` (if ``gpu``)."""
     parser.add_argument("--restore-from", type=parse_path, required=True,
                         help="the snapshot: a file (ours, from train.py, or an original release), an http(s):// or "
                              "file:// URL, or a released snapshot's name (" + released_snapshot_names() + "); URLs "
@@ -56,6 +57,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, gpu: bool = True) -> No
                         help="R, criss-cross attention loops; " + from_snapshot.format(MODEL_DEFAULTS["recurrence"]))
     parser.add_argument("--num-classes", type=parse_positive_int, default=None,
                         help="classes the model predicts; " + from_snapshot.format("the dataset's"))
+    parser.add_argument("--clip-length", type=parse_positive_int, default=None, metavar="T",
+                        help="video CCNet: clips of T frames around each labelled frame; "
+                             + from_snapshot.format(MODEL_DEFAULTS["clip_length"]))
+    parser.add_argument("--frame-stride", type=parse_positive_int, default=None, metavar="S",
+                        help="video CCNet: the clip's frames S frames apart; "
+                             + from_snapshot.format(MODEL_DEFAULTS["frame_stride"]))
     if gpu:
         add_gpu_argument(parser)
 
@@ -130,6 +137,14 @@ def load_snapshot(args, verbose: bool = True) -> dict:
     return checkpoint
 
 
+def refuse_video_model(args, tool: str) -> None:
+    """A one-line ``ValueError`` when the snapshot is a video CCNet (``--clip-length`` > 1): ``tool`` runs on single
+    images, a video model on clips of a video dataset's frames (evaluate.py reads them)."""
+    if args.clip_length > 1:
+        raise ValueError(f"{tool} runs on single images; {args.restore_from} is a video CCNet (--clip-length "
+                         f"{args.clip_length}): evaluate.py --save-pred writes its predictions of a list's clips")
+
+
 def build_and_load(args, device: torch.device, verbose: bool = True,
                    checkpoint: Optional[dict] = None) -> torch.nn.Module:
     """The model of ``args`` with all the snapshot's weights (backbone-only ImageNet weights are refused, and so is
@@ -141,7 +156,7 @@ def build_and_load(args, device: torch.device, verbose: bool = True,
     if checkpoint is None:
         checkpoint = load_snapshot(args, verbose)
     model = build_model(args.model, backbone=args.backbone, num_classes=args.num_classes,
-                        recurrence=args.recurrence, norm="bn")
+                        recurrence=args.recurrence, norm="bn", clip_length=args.clip_length)
     report = load_model_weights(model, checkpoint, backbone_only=False, name=args.restore_from)
     if verbose:
         print(report.summary())
@@ -171,7 +186,7 @@ class InferenceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = channels_last_input(images)
         with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.model(images)
         return [output.float() for output in outputs]

@@ -1,5 +1,6 @@
 """CamVid: the label table, the list files, the frame names of both styles, the clip loader (stride, the
 missing-frame error, one augmentation for every frame of a clip) and the generated CamVid-format video."""
+import json
 import os
 import shutil
 
@@ -188,9 +189,12 @@ def test_a_video_training_step_on_generated_clips(camvid_demo):
     assert torch.isfinite(loss) and model.head.cca.query_conv.weight.grad.abs().sum() > 0
 
 
-def test_train_py_trains_the_video_ccnet_on_clips(camvid_demo, tmp_path):
+def test_train_py_trains_the_video_ccnet_on_clips_and_evaluate_py_scores_it(camvid_demo, tmp_path, capsys):
     """train.py --clip-length 3 --dataset camvid: the video network on clips, its snapshot records the clip flags and
-    holds the 3-D head (1x1x1 attention convolutions)."""
+    holds the 3-D head (1x1x1 attention convolutions); evaluate.py reads the clip flags from it and scores the val
+    clips; predict.py (single images) refuses it in one line."""
+    import evaluate
+    import predict
     import train
 
     argv = camvid_demo.training_argv(tmp_path, "--dataset", "camvid", "--clip-length", "3", "--frame-stride", "2",
@@ -200,3 +204,13 @@ def test_train_py_trains_the_video_ccnet_on_clips(camvid_demo, tmp_path):
     assert snapshot["args"]["clip_length"] == 3 and snapshot["args"]["frame_stride"] == 2
     assert snapshot["model"]["head.cca.query_conv.weight"].dim() == 5
     assert all(torch.isfinite(value).all() for value in snapshot["model"].values() if value.is_floating_point())
+    capsys.readouterr()
+    evaluation = ["--restore-from", str(tmp_path / "CS_scenes_2.pth"), "--data-dir", camvid_demo.root, "--data-list",
+                  camvid_demo.val_list, "--gpu", "cpu", "--whole", "--save-pred", str(tmp_path / "pred")]
+    assert evaluate.main(evaluation) == 0
+    result = json.loads((tmp_path / "pred" / "result.json").read_text())
+    assert 0 <= result["mean_iou"] <= 1 and len(list((tmp_path / "pred").glob("*.png"))) == 2
+    image = os.path.join(camvid_demo.root, open(camvid_demo.val_list).readline().split()[0])
+    assert predict.main(["--restore-from", str(tmp_path / "CS_scenes_2.pth"), image, "--output",
+                         str(tmp_path / "single")]) == 1
+    assert "runs on single images" in capsys.readouterr().err
