@@ -20,6 +20,8 @@
 # --restore-from; RESTORE_FROM=resnet101-imagenet downloads the ImageNet weights); empty: from scratch.
 # RESUME=SNAPSHOT_DIR/CS_scenes_<iter>.pth continues an interrupted run (train.py --resume), then evaluates.
 # CCL=1 trains with the category consistent loss of the TPAMI version (train.py --ccl 1), the demo too.
+# CLIP_LENGTH=T (odd; FRAME_STRIDE=S) trains the video CCNet on clips of T frames (DATASET=camvid, train.py
+# --clip-length), the demo too: `DATASET=camvid CLIP_LENGTH=3 ./run_local.sh`.
 # Every number is an environment variable, e.g. `STEPS=40000 BS=16 GPU_IDS=0,1 ./run_local.sh /data/cityscapes`
 # or `DEMO_STEPS=50 ./run_local.sh`. PYTHON (default .venv/bin/python if present, else python3) runs everything.
 set -euo pipefail
@@ -33,6 +35,8 @@ start=$SECONDS
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 DATASET=${DATASET:-cityscapes}
 CCL=${CCL:-0}
+CLIP_LENGTH=${CLIP_LENGTH:-1}
+FRAME_STRIDE=${FRAME_STRIDE:-1}
 
 if [[ $# -ge 1 ]]; then
     DATA_PATH=$1
@@ -105,6 +109,7 @@ if [[ $# -ge 1 ]]; then
         --input-size "$INPUT_SIZE" --learning-rate "$LR" --weight-decay "$WD" --batch-size "$BS" \
         --num-steps "$STEPS" --recurrence "$RECURRENCE" \
         --ohem "$OHEM" --ohem-thres "$OHEM_THRES" --ohem-keep "$OHEM_KEEP" --ccl "$CCL" \
+        --clip-length "$CLIP_LENGTH" --frame-stride "$FRAME_STRIDE" \
         --num-workers "$NUM_WORKERS" --snapshot-dir "$SNAPSHOT_DIR" ${RESUME:+--resume "$RESUME"} "${DEVICE[@]}"
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" evaluate.py \
         --dataset "$DATASET" --data-dir "$DATA_PATH" --data-list "$VAL_LIST" --model ccnet --backbone "$BACKBONE" \
@@ -136,13 +141,14 @@ if [[ -e "$DEMO_RUN/snapshots" || -e "$DEMO_RUN/predictions" ]]; then  # a fresh
     echo "== replacing the earlier $DATASET demo's snapshots and predictions in $DEMO_RUN/"
     rm -rf "$DEMO_RUN/snapshots" "$DEMO_RUN/predictions"
 fi
-echo "== 2/3 training the tiny CCNet (R=2$([[ "$CCL" == 1 ]] && echo ", CCL")) on the CPU: $DEMO_STEPS steps," \
+echo "== 2/3 training the tiny CCNet (R=2$([[ "$CCL" == 1 ]] && echo ", CCL")$([[ "$CLIP_LENGTH" != 1 ]] \
+     && echo ", clips of $CLIP_LENGTH frames")) on the CPU: $DEMO_STEPS steps," \
      "batch $DEMO_BS, crops $DEMO_CROP"
 "$PYTHON" train.py --dataset "$DATASET" --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/train.lst" --backbone tiny \
     --restore-from '' \
     --random-mirror --random-scale --input-size "$DEMO_CROP" --batch-size "$DEMO_BS" --num-steps "$DEMO_STEPS" \
     --learning-rate "$DEMO_LR" --recurrence 2 --num-workers 1 --snapshot-dir "$DEMO_RUN/snapshots" \
-    --save-pred-every "$DEMO_STEPS" --ccl "$CCL"
+    --save-pred-every "$DEMO_STEPS" --ccl "$CCL" --clip-length "$CLIP_LENGTH" --frame-stride "$FRAME_STRIDE"
 echo "== 3/3 evaluating $DEMO_RUN/snapshots/CS_scenes_$DEMO_STEPS.pth on $DEMO_DATA/val.lst"
 "$PYTHON" evaluate.py --data-dir "$DEMO_DATA" --data-list "$DEMO_DATA/val.lst" --backbone tiny --recurrence 2 \
     --restore-from "$DEMO_RUN/snapshots/CS_scenes_$DEMO_STEPS.pth" --whole --num-workers 0 \
