@@ -148,7 +148,7 @@ def build_parser() -> ArgumentParser:
                           "the dataset's sliding tiles or whole image), log val mIoU, pixel and mean accuracy, and "
                           "keep the best snapshot as CS_scenes_best.pth; 0: no validation")
     run.add_argument("--val-list", default=None,
-                     help="--val-every's list file of '<image>\t<label>' lines (paths relative to --data-dir); "
+                     help="--val-every's list file of '<image>\\t<label>' lines (paths relative to --data-dir); "
                           "default: dataset/list/<dataset>/val.lst")
     run.add_argument("--log-dir", type=parse_path, default=None,
                      help="TensorBoard events and train_log.csv (default: <snapshot-dir>/logs); locked with "
@@ -279,6 +279,7 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
             validation.record_best(scores["miou"], done)
             save(best_snapshot_path(args.snapshot_dir), done)
         return scores
+
     skipped = []  # the iterations whose global batch had a process's share without a valid label pixel
     network.train()
     batches = data.iterate(start_iteration)

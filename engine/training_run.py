@@ -286,8 +286,8 @@ def resume_or_start(args, model: torch.nn.Module, optimizer, scaler, rank: int, 
     gradient scale and this rank's random states restored (another number of processes: the random states are
     re-seeded, with a warning), and ``validation``'s best score so far (``load_state_dict`` of the snapshot's
     ``validation``, ``{}`` when it has none); without, 0, every random generator seeded (``--random-seed`` + rank:
-    dropout draws differ between ranks). Raises :class:`TrainingError` for a file that is not a snapshot of train.py or a
-    snapshot at or past ``--num-steps``."""
+    dropout draws differ between ranks). Raises :class:`TrainingError` for a file that is not a snapshot of
+    train.py or a snapshot at or past ``--num-steps``."""
     if args.resume is None:
         seed_all(args.random_seed + rank)
         return 0

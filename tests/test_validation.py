@@ -82,7 +82,8 @@ def test_val_every_resumes_exactly(straight, training_demo, tmp_path):
     expected, got = load_checkpoint(straight / "CS_scenes_4.pth"), load_checkpoint(resumed / "CS_scenes_4.pth")
     assert_same_weights(expected, got)
     assert got["validation"] == expected["validation"]
-    expected_best, got_best = load_checkpoint(best_snapshot_path(straight)), load_checkpoint(best_snapshot_path(resumed))
+    expected_best = load_checkpoint(best_snapshot_path(straight))
+    got_best = load_checkpoint(best_snapshot_path(resumed))
     assert got_best["iteration"] == expected_best["iteration"]
     assert_same_weights(expected_best, got_best)
     assert [{name: row[name] for name in ("loss", *VAL_COLUMNS)} for row in rows(resumed)] == \
