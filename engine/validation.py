@@ -62,20 +62,24 @@ class Validation:
 
     def run(self, model: torch.nn.Module, rank: int, world_size: int) -> dict:
         """Score ``model`` (the bare module, not the DistributedDataParallel wrapper: the processes' shares differ
-        in size) on this process's share of the list, in eval mode and back in the mode it was in; rank 0's
-        buffers (batch-norm statistics) first copied to every process, as DistributedDataParallel's next forward
-        does anyway, so that the score is that of rank 0's model, the one saved. Returns ``{name: score}`` for
-        :data:`VALIDATION_SCORES` (NaN where undefined), the same on every process."""
+        in size) on this process's share of the list, in eval mode and back in the mode it was in (cuDNN's
+        autotuning off for whole images of many sizes, and back on); rank 0's buffers (batch-norm statistics) first
+        copied to every process, as DistributedDataParallel's next forward does anyway, so that the score is that
+        of rank 0's model, the one saved. Returns ``{name: score}`` for :data:`VALIDATION_SCORES` (NaN where
+        undefined), the same on every process."""
         if world_size > 1:
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
-        was_training = model.training
+        was_training, benchmark = model.training, torch.backends.cudnn.benchmark
+        # whole images come in many sizes: cuDNN would autotune its convolutions anew for each (the tiles: once)
+        torch.backends.cudnn.benchmark = benchmark and self.mode.tile_size is not None
         try:
             runner = InferenceModel(model, self.channels_last, self.amp_dtype).eval()
             conf = evaluate_share(runner, self.dataset, self.device, self.mode, self.num_classes, rank, world_size,
                                   num_workers=self.num_workers)
         finally:
             model.train(was_training)
+            torch.backends.cudnn.benchmark = benchmark
         scores = scores_from_confusion(all_reduce_sum(conf))
         return {"miou": scores.mean_iou, "pixel_acc": scores.pixel_accuracy, "mean_acc": scores.mean_accuracy}
 
