@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
 from engine.training_run import (TrainingError, best_snapshot_path, refuse_another_runs_folders,
@@ -57,6 +58,11 @@ def test_val_every_writes_the_val_rows_and_the_best_snapshot(straight, training_
         assert row["loss"]
     scores = [float(log[1]["val_miou"]), float(log[3]["val_miou"])]
     assert all(0.0 <= score <= 1.0 for score in scores)
+    events = EventAccumulator(str(straight / "logs"))
+    events.Reload()
+    assert {"val/miou", "val/pixel_acc", "val/mean_acc", "train/loss"} <= set(events.Tags()["scalars"])
+    assert [(event.step, pytest.approx(event.value)) for event in events.Scalars("val/miou")] == \
+        [(2, scores[0]), (4, scores[1])]
     assert sorted(path.name for path in straight.glob("*.pth")) == ["CS_scenes_2.pth", "CS_scenes_4.pth",
                                                                      "CS_scenes_best.pth"]
     assert [path.name for path in snapshots_in(straight)] == ["CS_scenes_2.pth", "CS_scenes_4.pth"]
