@@ -118,11 +118,16 @@ def test_a_bad_val_list_is_one_line_before_the_first_step(training_demo, tmp_pat
     message = failed_run(train.main, training_demo.training_argv(tmp_path / "b", "--val-every", "2", "--val-list",
                                                                  str(broken)))
     assert "nowhere.png" in message and "line 1" in message
-    for folder in ("a", "b"):  # nothing trained, nothing logged
+    image_only = tmp_path / "image_only.lst"
+    image_only.write_text("".join(line.split("\t")[0] + "\n" for line in open(training_demo.val_list)))
+    message = failed_run(train.main, training_demo.training_argv(tmp_path / "c", "--val-every", "2", "--val-list",
+                                                                 str(image_only)))
+    assert message.startswith(f"--val-list {image_only}") and "no labels" in message
+    for folder in ("a", "b", "c"):  # nothing trained, nothing logged
         assert not list((tmp_path / folder).glob("*.pth"))
         assert not (tmp_path / folder / "logs" / "train_log.csv").exists()
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(training_demo.training_argv(tmp_path / "c", "--val-list", str(broken)))
+        train.parse_args(training_demo.training_argv(tmp_path / "e", "--val-list", str(broken)))
     assert exit_info.value.code == EXIT_USAGE and "without --val-every" in capsys.readouterr().err
     assert train.parse_args(training_demo.training_argv(tmp_path / "d", "--val-every", "5")).val_list.endswith(
         "dataset/list/cityscapes/val.lst")
