@@ -40,21 +40,19 @@ import time
 from typing import Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from dataset.predictions import save_label_png, save_paletted_png
 from dataset.registry import get_dataset, per_dataset
-from dataset.segmentation import IGNORE_LABEL, DataError
+from dataset.segmentation import DataError
+from engine.evaluation import InferenceMode, evaluate_share
 from engine.inference_model import (add_inference_arguments, add_model_arguments, add_speed_arguments,
                                     build_and_load, check_tile_size, inference_model, load_snapshot,
                                     resolve_restore_from)
 from utils.checkpoint import CHECKSUM_KEY, CheckpointError
 from utils.cli import ArgumentParser, parse_non_negative_int, parse_path, parse_positive_int, run_main
 from utils.distributed import (add_collective_timeout_argument, all_reduce_sum, apply_gpu_choice, barrier,
-                               is_main_process, process_group, shard)
-from utils.inference import predict_logits
-from utils.metrics import confusion_matrix, format_scores_table, scores_from_confusion, write_result_json
+                               is_main_process, process_group)
+from utils.metrics import format_scores_table, scores_from_confusion, write_result_json
 from utils.outputs import OutputError, check_output_file, check_output_folder, lock_output_folder
 
 RESULT_NAME = "result.json"
@@ -78,17 +76,6 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                         help="write the predictions as PNGs to DIR")
     add_collective_timeout_argument(parser)
     return parser.parse_args(argv)
-
-
-def collate(batch):
-    """Stack ``(image (3, H, W), label (H, W) or None, name)`` samples; labels stay None for image-only lists."""
-    images, labels, names = zip(*batch)
-    if len({tuple(image.shape) for image in images}) > 1:
-        raise DataError(f"images of different sizes in one batch ({', '.join(names)}): use --batch-size 1")
-    if any(label is None for label in labels) and any(label is not None for label in labels):
-        raise DataError(f"some images have labels and some not ({', '.join(names)}): use one kind of list line")
-    stacked_labels = None if labels[0] is None else torch.stack(labels)
-    return torch.stack(images), stacked_labels, list(names)
 
 
 def prediction_paths(save_pred: str, name: str) -> Tuple[str, str]:
@@ -149,32 +136,23 @@ def write_result(args, scores, class_names, extra: dict) -> str:
 
 
 def evaluate(model, dataset, device, args, rank: int = 0, world_size: int = 1, show_progress: bool = True):
-    """Predict this process's share of ``dataset``; write PNGs if ``args.save_pred``.
+    """Predict this process's share of ``dataset`` (``engine.evaluation.evaluate_share``) as ``args`` say; write
+    PNGs if ``args.save_pred``.
 
     Returns the ``(K, K)`` int64 confusion matrix of this share (on ``device``), or None if the list has no labels.
     """
-    indices = shard(len(dataset), rank, world_size)
-    loader = DataLoader(Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
     spec = get_dataset(args.dataset)
-    tile_size = None if args.whole else args.input_size
-    conf = None
-    for images, labels, names in tqdm(loader, desc="evaluate", disable=not show_progress, dynamic_ncols=True):
-        logits = predict_logits(model, images.to(device, non_blocking=True), tile_size, args.scales, args.flip,
-                                args.tile_batch, image_name=", ".join(names), max_pixels=args.max_pixels,
-                                flip_pairs=spec.flip_pairs)
-        prediction = logits.argmax(dim=1)  # (N, H, W) train ids
-        if labels is not None:
-            batch_conf = confusion_matrix(prediction, labels.to(device), args.num_classes, IGNORE_LABEL)
-            conf = batch_conf if conf is None else conf + batch_conf
-        if args.save_pred:
-            for train_ids, name in zip(prediction.to(torch.uint8).cpu().numpy(), names):
-                colour_path, label_path = prediction_paths(args.save_pred, name)
-                save_paletted_png(colour_path, train_ids, spec.palette)  # whole or not at all
-                save_label_png(label_path, spec.encode_label(train_ids))
-    if conf is None and dataset.entries[0].label_path is not None:  # a labelled list, but an empty share
-        conf = torch.zeros(args.num_classes, args.num_classes, dtype=torch.int64, device=device)
-    return conf
+    mode = InferenceMode(None if args.whole else tuple(args.input_size), args.scales, args.flip, args.tile_batch,
+                         args.max_pixels, spec.flip_pairs)
+
+    def save_predictions(prediction: torch.Tensor, names) -> None:
+        for train_ids, name in zip(prediction.to(torch.uint8).cpu().numpy(), names):
+            colour_path, label_path = prediction_paths(args.save_pred, name)
+            save_paletted_png(colour_path, train_ids, spec.palette)  # whole or not at all
+            save_label_png(label_path, spec.encode_label(train_ids))
+
+    return evaluate_share(model, dataset, device, mode, args.num_classes, rank, world_size, args.batch_size,
+                          args.num_workers, save_predictions if args.save_pred else None, show_progress)
 
 
 def run(args) -> None:

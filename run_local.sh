@@ -80,7 +80,7 @@ if [[ $# -ge 1 ]]; then
              "Weights; RESTORE_FROM=resnet101-imagenet downloads them); RESTORE_FROM= trains from scratch" >&2
         exit 1
     fi
-    last_snapshot=$(ls -1v "$SNAPSHOT_DIR"/CS_scenes_*.pth 2>/dev/null | tail -n 1 || true)
+    last_snapshot=$(ls -1v "$SNAPSHOT_DIR"/CS_scenes_[0-9]*.pth 2>/dev/null | tail -n 1 || true)
     if [[ -z "$RESUME" && -n "$last_snapshot" ]]; then
         echo "run_local.sh: SNAPSHOT_DIR=$SNAPSHOT_DIR holds another run's snapshots: RESUME=$last_snapshot" \
              "continues that run, or set another SNAPSHOT_DIR" >&2

@@ -9,7 +9,9 @@ batch 8 (global, split over the processes), 769x769 crops, SGD lr 1e-2, momentum
 60000 iterations, R=2; for ADE20K mmsegmentation's CCNet recipe (batch 16, 512x512 crops, weight decay 5e-4,
 80000 iterations). Snapshots ``CS_scenes_<iter>.pth`` go to
 ``--snapshot-dir`` every ``--save-pred-every`` iterations and at the end; ``--resume`` continues one exactly
-(same batches, same random draws). Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes; it holds locks on
+(same batches, same random draws). ``--val-every N`` scores the model on ``--val-list`` every N iterations and at
+the end (as evaluate.py does: the dataset's sliding tiles or whole image), logs the scores and keeps the best
+snapshot as ``CS_scenes_best.pth``. Rank 0 alone logs (progress bar, TensorBoard, CSV) and writes; it holds locks on
 ``--snapshot-dir`` and ``--log-dir`` for the whole run, and writes a snapshot only when every weight, buffer and
 optimizer tensor is finite (the run's life cycle: ``engine/training_run.py``).
 """
@@ -25,9 +27,10 @@ from dataset.spec import fill_unset
 from engine.train_step import (AMP_DTYPES, channels_last_input, compile_forward_loss, fused_sgd_available, make_sgd,
                                optimizer_step, use_channels_last)
 from engine.training_data import TrainingBatches
-from engine.training_run import (FAILURES, TrainingError, log_on_main, mean_loss_terms, on_main_process,
-                                 resume_or_start, run_folders_claimed, save_snapshot, snapshot_path, snapshot_state,
-                                 void_batch_processes)
+from engine.training_run import (FAILURES, TrainingError, best_snapshot_path, log_on_main, mean_loss_terms,
+                                 on_main_process, resume_or_start, run_folders_claimed, save_snapshot, snapshot_path,
+                                 snapshot_state, void_batch_processes)
+from engine.validation import VALIDATION_SCORES, Validation
 from libs.norm import NORM_KINDS, resolve_norm_kind
 from networks import BACKBONES, HEADS, build_model
 from utils.checkpoint import load_model_weights
@@ -148,6 +151,13 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--save-pred-every", type=parse_positive_int, default=10000, help="write a snapshot every this many iterations")
     run.add_argument("--resume", default=None, metavar="SNAPSHOT",
                      help="continue exactly from one of our snapshots (weights, optimizer, iteration, RNG states)")
+    run.add_argument("--val-every", type=parse_non_negative_int, default=0, metavar="N",
+                     help="score the model on --val-list every N iterations and at the end (as evaluate.py does: "
+                          "the dataset's sliding tiles or whole image), log val mIoU, pixel and mean accuracy, and "
+                          "keep the best snapshot as CS_scenes_best.pth; 0: no validation")
+    run.add_argument("--val-list", default=None,
+                     help="--val-every's list file of '<image>\\t<label>' lines (paths relative to --data-dir); "
+                          "default: dataset/list/<dataset>/val.lst")
     run.add_argument("--log-dir", type=parse_path, default=None,
                      help="TensorBoard events and train_log.csv (default: <snapshot-dir>/logs); locked with "
                           "--snapshot-dir while the run lasts")
@@ -164,6 +174,10 @@ def parse_args(argv=None):
                      "outside, e.g. 255 or -1")
     if not args.ccl_margins[0] < args.ccl_margins[1]:
         parser.error(f"--ccl-margins {','.join(map(str, args.ccl_margins))}: delta_v must be below delta_d")
+    if args.val_list is not None and not args.val_every:
+        parser.error(f"--val-list {args.val_list} without --val-every: pass --val-every N to validate")
+    if args.val_every and args.val_list is None:
+        args.val_list = get_dataset(args.dataset).list_path("val")
     if args.log_dir is None:
         args.log_dir = os.path.join(args.snapshot_dir, "logs")
     return args
@@ -226,9 +240,10 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
                             "activations): use --norm bn (or syncbn), or --amp fp16 on a GPU")
     channels_last = use_channels_last(args.channels_last, device, norm)
     data = TrainingBatches(args, rank, world_size, device)
+    validation = Validation(args, device, channels_last, amp_dtype) if args.val_every else None
     model, optimizer = _build(args, norm, device, channels_last, log)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_iteration = resume_or_start(args, model, optimizer, scaler, rank, world_size, device, log)
+    start_iteration = resume_or_start(args, model, optimizer, scaler, rank, world_size, device, log, validation)
 
     network = model
     if world_size > 1:  # with R = 0 the attention's parameters receive no gradient
@@ -246,8 +261,35 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
         f"{'channels_last' if channels_last else 'NCHW'}, torch.compile {'on' if args.compile else 'off'}, "
         f"{'fused' if optimizer.defaults.get('fused') else 'foreach/for-loop'} SGD"
         + (f", cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}" if device.type == "cuda" else ""))
-    logger = TrainingLogger(args.log_dir, args.num_steps, start_iteration, enabled=is_main_process())
+    if validation is not None:
+        log(validation.describe() + (f"; best so far: mIoU {100 * validation.best_miou:.2f} % at iteration "
+                                     f"{validation.best_iteration}" if validation.best_miou is not None else ""))
+    logger = TrainingLogger(args.log_dir, args.num_steps, start_iteration, enabled=is_main_process(),
+                            validation_names=VALIDATION_SCORES if validation is not None else ())
     last_snapshot = args.resume  # a checkpoint refuses to load unless finite: a good one
+
+    def save(path: str, done: int) -> None:
+        """Write the snapshot of iteration ``done`` to ``path`` (rank 0; a collective)."""
+        rng_states = gather_rng_states(device, world_size)
+        state = (snapshot_state(model, optimizer, scaler, done, args, run_id, rng_states,
+                                validation.state_dict() if validation is not None else None)
+                 if is_main_process() else None)
+        on_main_process(lambda: save_snapshot(state, path, last_snapshot), device)
+        logger.message(f"saved {path}")
+
+    def validate(done: int) -> dict:
+        """Score the model after ``done`` steps, log it, and save it as the best snapshot if it is."""
+        started = time.perf_counter()
+        scores = validation.run(model, rank, world_size)
+        best = validation.improves(scores["miou"])
+        logger.message(f"iteration {done}: val mIoU {100 * scores['miou']:.2f} %, pixel accuracy "
+                       f"{100 * scores['pixel_acc']:.2f} %, mean accuracy {100 * scores['mean_acc']:.2f} % "
+                       f"({time.perf_counter() - started:.1f} s)" + (", the best so far" if best else ""))
+        if best:
+            validation.record_best(scores["miou"], done)
+            save(best_snapshot_path(args.snapshot_dir), done)
+        return scores
+
     skipped = []  # the iterations whose global batch had a process's share without a valid label pixel
     network.train()
     batches = data.iterate(start_iteration)
@@ -258,8 +300,6 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
             void_processes = void_batch_processes(labels, names, args, done, world_size, device)
             if void_processes:
                 skipped.append(done)
-                logger.skip(f"iteration {done} skipped: no valid label pixel in the batch of {void_processes} "
-                            f"process(es) (every pixel --ignore-label {args.ignore_label})")
             else:
                 first_started = time.perf_counter() if iteration == start_iteration else None
                 images = images.to(device, non_blocking=True)
@@ -278,14 +318,15 @@ def _train(args, info: DistInfo, run_id) -> torch.nn.Module:
                     seconds = time.perf_counter() - first_started
                     logger.message(f"iteration {done} (the first of this run) took {seconds:.1f} s"
                                    + (", torch.compile included" if args.compile else ""))
-                logger.log(done, loss=mean_loss, lr=lr, terms=mean_terms)
+            scores = validate(done) if validation is not None and validation.due(done, args.num_steps) else None
+            if void_processes:
+                logger.skip(f"iteration {done} skipped: no valid label pixel in the batch of {void_processes} "
+                            f"process(es) (every pixel --ignore-label {args.ignore_label})", done, scores)
+            else:
+                logger.log(done, loss=mean_loss, lr=lr, terms=mean_terms, validation=scores)
             if done % args.save_pred_every == 0 or done == args.num_steps:
-                rng_states = gather_rng_states(device, world_size)
                 path = snapshot_path(args.snapshot_dir, done)
-                state = (snapshot_state(model, optimizer, scaler, done, args, run_id, rng_states)
-                         if is_main_process() else None)
-                on_main_process(lambda: save_snapshot(state, path, last_snapshot), device)
-                logger.message(f"saved {path}")
+                save(path, done)
                 last_snapshot = path
     finally:
         batches.close()  # shuts the data-loading workers down now, also when training stopped with an error

@@ -32,6 +32,7 @@ from utils.rng import saved_rng_state, seed_all, set_rng_state
 
 SNAPSHOT_PATTERN = "CS_scenes_{}.pth"
 SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX = SNAPSHOT_PATTERN.split("{}")
+BEST_SNAPSHOT_NAME = SNAPSHOT_PATTERN.format("best")  # --val-every's best snapshot: no iteration snapshot
 RUN_ID_FILE = "run_id"  # in --log-dir: the id of the run whose log the folder holds
 # Flags whose change makes a resumed run differ from the uninterrupted one (warned about on --resume).
 RUN_DEFINING_FLAGS = ("dataset", "data_list", "input_size", "batch_size", "learning_rate", "momentum", "weight_decay",
@@ -78,15 +79,27 @@ def snapshot_path(snapshot_dir: str, iteration: int) -> str:
     return os.path.join(snapshot_dir, SNAPSHOT_PATTERN.format(iteration))
 
 
+def best_snapshot_path(snapshot_dir: str) -> str:
+    """``<snapshot_dir>/CS_scenes_best.pth``: the snapshot of the best validation score so far (``--val-every``)."""
+    return os.path.join(snapshot_dir, BEST_SNAPSHOT_NAME)
+
+
 def snapshot_iteration(path: Path) -> int:
-    """``CS_scenes_<iter>.pth`` -> iter (-1 if the name holds no number)."""
+    """``CS_scenes_<iter>.pth`` -> iter (-1 if the name holds no number: ``CS_scenes_best.pth``)."""
     number = path.name[len(SNAPSHOT_PREFIX):-len(SNAPSHOT_SUFFIX)]
     return int(number) if number.isdigit() else -1
 
 
 def snapshots_in(folder: str) -> List[Path]:
-    """The snapshots ``CS_scenes_*.pth`` in ``folder``, sorted by iteration."""
-    return sorted(Path(folder).glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}"), key=snapshot_iteration)
+    """The iteration snapshots ``CS_scenes_<iter>.pth`` in ``folder``, sorted by iteration (not the best one)."""
+    return sorted((path for path in Path(folder).glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}")
+                   if snapshot_iteration(path) >= 0), key=snapshot_iteration)
+
+
+def run_snapshots_in(folder: str) -> List[Path]:
+    """Every snapshot a run writes in ``folder``: the best one (if any), then the iteration snapshots by iteration."""
+    best = Path(best_snapshot_path(folder))
+    return ([best] if best.is_file() else []) + snapshots_in(folder)
 
 
 def new_run_id() -> str:
@@ -116,9 +129,10 @@ def log_run_id(log_dir: str) -> Optional[str]:
 
 
 def earlier_run_files(snapshot_dir: str, log_dir: str) -> tuple:
-    """(snapshots sorted by iteration, the CSV log or None) that an earlier run left in this run's folders."""
+    """(snapshots: the best one if any, then the iteration snapshots by iteration; the CSV log or None) that an
+    earlier run left in this run's folders."""
     csv_log = Path(log_dir) / TrainingLogger.CSV_NAME
-    return snapshots_in(snapshot_dir), (csv_log if csv_log.is_file() and csv_log.stat().st_size else None)
+    return run_snapshots_in(snapshot_dir), (csv_log if csv_log.is_file() and csv_log.stat().st_size else None)
 
 
 def refuse_or_clear_earlier_run(snapshot_dir: str, log_dir: str, overwrite: bool, log: Log) -> None:
@@ -129,11 +143,16 @@ def refuse_or_clear_earlier_run(snapshot_dir: str, log_dir: str, overwrite: bool
     if not snapshots and csv_log is None:
         return
     if not overwrite:
-        if snapshots:
+        resumable = [path for path in snapshots if snapshot_iteration(path) >= 0]
+        if resumable:
             raise TrainingError(
                 f"--snapshot-dir {snapshot_dir} holds another run's snapshots ({len(snapshots)}, the last "
-                f"{snapshots[-1]}): pass --resume {snapshots[-1]} to continue that run, or choose another "
+                f"{resumable[-1]}): pass --resume {resumable[-1]} to continue that run, or choose another "
                 "--snapshot-dir (--overwrite-snapshots deletes them and starts afresh)")
+        if snapshots:
+            raise TrainingError(
+                f"--snapshot-dir {snapshot_dir} holds another run's {snapshots[0]}: choose another --snapshot-dir, "
+                "or pass --overwrite-snapshots to delete it and start afresh")
         raise TrainingError(
             f"--log-dir {log_dir} holds another run's {csv_log.name}: choose another --snapshot-dir (or "
             "--log-dir), or pass --overwrite-snapshots to delete it and start afresh")
@@ -150,7 +169,7 @@ def refuse_another_runs_folders(snapshot_dir: str, log_dir: str, resume: str, re
     """``--resume`` of run ``resumed_run_id`` (None: a snapshot without an id) into folders that hold snapshots or a
     log of another run id: refused, as a fresh run there is (its files would be replaced and its log truncated).
     Snapshots without an id (written before runs had ids) identify no run and are not compared."""
-    others = [(path, run_id) for path in snapshots_in(snapshot_dir)
+    others = [(path, run_id) for path in run_snapshots_in(snapshot_dir)
               if (run_id := snapshot_run_id(path)) is not None and run_id != resumed_run_id]
     if others:
         path, run_id = others[-1]
@@ -262,12 +281,13 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, log: Log) -> No
 
 
 def resume_or_start(args, model: torch.nn.Module, optimizer, scaler, rank: int, world_size: int,
-                    device: torch.device, log: Log) -> int:
+                    device: torch.device, log: Log, validation=None) -> int:
     """The iteration the run starts after: with ``args.resume``, the snapshot's, its weights, optimizer state,
     gradient scale and this rank's random states restored (another number of processes: the random states are
-    re-seeded, with a warning); without, 0, every random generator seeded (``--random-seed`` + rank: dropout draws
-    differ between ranks). Raises :class:`TrainingError` for a file that is not a snapshot of train.py or a
-    snapshot at or past ``--num-steps``."""
+    re-seeded, with a warning), and ``validation``'s best score so far (``load_state_dict`` of the snapshot's
+    ``validation``, ``{}`` when it has none); without, 0, every random generator seeded (``--random-seed`` + rank:
+    dropout draws differ between ranks). Raises :class:`TrainingError` for a file that is not a snapshot of
+    train.py or a snapshot at or past ``--num-steps``."""
     if args.resume is None:
         seed_all(args.random_seed + rank)
         return 0
@@ -281,6 +301,8 @@ def resume_or_start(args, model: torch.nn.Module, optimizer, scaler, rank: int, 
     load_model_weights(model, checkpoint, name=args.resume)
     load_optimizer_state(optimizer, checkpoint["optimizer"])
     load_scaler_state(scaler, checkpoint.get("scaler") or {}, log)
+    if validation is not None:
+        validation.load_state_dict(checkpoint.get("validation") or {})
     start_iteration = int(checkpoint["iteration"])
     check_resumed_args(checkpoint.get("args", {}), args, log)
     rng = checkpoint["rng"]
@@ -312,12 +334,16 @@ def mean_loss_terms(loss: torch.Tensor, terms: dict, world_size: int) -> tuple:
 
 # ------------------------------------------------------------------------------------------------- the save
 def snapshot_state(model: torch.nn.Module, optimizer, scaler, iteration: int, args, run_id: str,
-                   rng_states: list) -> dict:
+                   rng_states: list, validation: Optional[dict] = None) -> dict:
     """What a snapshot holds: ``model``, ``optimizer``, ``iteration``, ``rng`` (every rank's states, indexed by
-    rank), ``scaler`` and ``args`` (the flags, and ``run_id``)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-            "rng": {"world_size": len(rng_states), "ranks": rng_states}, "scaler": scaler.state_dict(),
-            "args": {**vars(args), "run_id": run_id}}
+    rank), ``scaler`` and ``args`` (the flags, and ``run_id``); with ``--val-every``, ``validation`` (the best
+    score so far and its iteration: ``engine.validation.Validation.state_dict``)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+             "rng": {"world_size": len(rng_states), "ranks": rng_states}, "scaler": scaler.state_dict(),
+             "args": {**vars(args), "run_id": run_id}}
+    if validation is not None:
+        state["validation"] = validation
+    return state
 
 
 def save_snapshot(state: dict, path: str, last_snapshot: Optional[str]) -> None:

@@ -9,7 +9,7 @@ from utils.cli import (EXIT_USAGE, csv_choices, csv_of, parse_auto_bool, parse_b
                        parse_size)
 
 SCRIPTS = ("train", "evaluate", "predict", "visualize_attention", "dataset.generate_demo", "dataset.make_lists",
-           "dataset.registry", "export_onnx", "benchmarks.cc_attention_op", "benchmarks.model_report",
+           "dataset.registry", "utils.plot_log", "export_onnx", "benchmarks.cc_attention_op", "benchmarks.model_report",
            "benchmarks.train_step", "benchmarks.inference", "benchmarks.data_loader", "benchmarks.onnx_latency")
 
 

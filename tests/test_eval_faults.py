@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine.evaluation
 import evaluate
 import export_onnx
 import predict
@@ -44,11 +45,12 @@ def data(demo_data, tmp_path):
 
 @pytest.fixture
 def forward_passes(monkeypatch):
-    """How many times evaluate.py and predict.py ran the model (their ``predict_logits`` calls)."""
+    """How many times evaluate.py (through ``engine.evaluation``) and predict.py ran the model (their
+    ``predict_logits`` calls)."""
     calls = []
-    for script in (evaluate, predict):
-        original = script.predict_logits
-        monkeypatch.setattr(script, "predict_logits", lambda *args, _run=original, **kwargs: calls.append(1) or
+    for module in (engine.evaluation, predict):
+        original = module.predict_logits
+        monkeypatch.setattr(module, "predict_logits", lambda *args, _run=original, **kwargs: calls.append(1) or
                             _run(*args, **kwargs))
     return calls
 

@@ -7,8 +7,11 @@ import csv
 import os
 import threading
 import time
+from typing import Optional, Sequence
 
 from tqdm import tqdm
+
+VALIDATION_PREFIX = "val_"  # the CSV columns of the validation scores: val_miou, ...
 
 
 def _truncate_csv(path: str, last_iteration: int) -> None:
@@ -59,12 +62,13 @@ def _csv_header(path: str) -> list:
 
 
 class TrainingLogger:
-    """``log(iteration, loss=..., lr=...)`` after each step (``terms={...}``: the loss's parts, more columns);
-    ``close()`` at the end.
+    """``log(iteration, loss=..., lr=...)`` after each step (``terms={...}``: the loss's parts, more columns;
+    ``validation={...}``: the scores of a validation after that step); ``close()`` at the end.
 
-    ``log_dir`` receives the TensorBoard event files (``train/<name>``) and ``train_log.csv`` (columns: iteration,
-    the scalar names in their first-call order, seconds since the start, then the names of ``terms``), flushed at
-    every row: a killed run keeps its rows. On resume (``start_step > 0``) the CSV keeps its rows up to
+    ``log_dir`` receives the TensorBoard event files (``train/<name>``, ``val/<name>``) and ``train_log.csv``
+    (columns: iteration, the scalar names in their first-call order, seconds since the start, the names of
+    ``terms``, then ``val_<name>`` for each of ``validation_names``, empty in the rows without a validation),
+    flushed at every row: a killed run keeps its rows. On resume (``start_step > 0``) the CSV keeps its rows up to
     ``start_step`` (those of an interrupted run after its snapshot are dropped) and is appended to under its own
     header: a column it lacks is not written (one warning), a column of it this run does not log stays empty; the
     TensorBoard events are appended to as well. With ``enabled=False`` (the other ranks) every method does nothing.
@@ -72,8 +76,10 @@ class TrainingLogger:
 
     CSV_NAME = "train_log.csv"
 
-    def __init__(self, log_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+    def __init__(self, log_dir: str, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 validation_names: Sequence[str] = ()):
         self.enabled = enabled
+        self.validation_columns = [VALIDATION_PREFIX + name for name in validation_names]
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported here: the other ranks never need it
@@ -130,29 +136,51 @@ class TrainingLogger:
             self.message(f"warning: {self.csv_path}: its columns ({', '.join(header)}) lack "
                          f"{', '.join(not_written)}: those values go to TensorBoard only")
 
-    def log(self, iteration: int, terms: dict | None = None, **scalars: float) -> None:
+    def log(self, iteration: int, terms: Optional[dict] = None, validation: Optional[dict] = None,
+            **scalars: float) -> None:
         """Record the scalars of 1-based ``iteration`` (the number of steps done); ``terms`` (name -> value) are
-        logged like the scalars, their CSV columns after ``elapsed_s``."""
+        logged like the scalars, their CSV columns after ``elapsed_s``; ``validation`` (name -> score, names of
+        ``validation_names``) goes to TensorBoard's ``val/<name>`` and the CSV's ``val_<name>``."""
         if not self.enabled:
             return
         terms = terms or {}
-        if self.writer is not None:
-            try:
-                for name, value in {**scalars, **terms}.items():
-                    self.writer.add_scalar(f"train/{name}", value, iteration)
-            except OSError as error:  # raised by the writer thread's failed write, here or at a later call
-                self._stop_tensorboard(iteration, error)
-        if not self.csv_stopped:
-            try:
-                if self.csv_writer is None:
-                    self._open_csv(["iteration", *scalars, "elapsed_s", *terms])
-                self.csv_writer.writerow({"iteration": iteration, **scalars, **terms,
-                                          "elapsed_s": round(time.time() - self.start_time, 3)})
-                self.csv_file.flush()  # in the operating system's hands: survives the process being killed
-            except OSError as error:  # e.g. a full disk: the log stops, the training goes on
-                self._stop_csv(iteration, error)
+        self._add_scalars(iteration, {**{f"train/{name}": value for name, value in {**scalars, **terms}.items()},
+                                      **self._validation_scalars(validation)})
+        self._write_row(iteration, ["iteration", *scalars, "elapsed_s", *terms, *self.validation_columns],
+                        {**scalars, **terms, **self._validation_cells(validation)})
         self.bar.set_postfix({name: f"{value:.4g}" for name, value in scalars.items()}, refresh=False)
         self.bar.update(1)
+
+    @staticmethod
+    def _validation_scalars(validation: Optional[dict]) -> dict:
+        return {f"val/{name}": value for name, value in (validation or {}).items()}
+
+    @staticmethod
+    def _validation_cells(validation: Optional[dict]) -> dict:
+        return {VALIDATION_PREFIX + name: value for name, value in (validation or {}).items()}
+
+    def _add_scalars(self, iteration: int, tagged: dict) -> None:
+        """TensorBoard scalars ``tag -> value`` of ``iteration``."""
+        if self.writer is None:
+            return
+        try:
+            for tag, value in tagged.items():
+                self.writer.add_scalar(tag, value, iteration)
+        except OSError as error:  # raised by the writer thread's failed write, here or at a later call
+            self._stop_tensorboard(iteration, error)
+
+    def _write_row(self, iteration: int, fields: list, values: dict) -> None:
+        """One CSV row of ``iteration``; ``fields``: the header of a new file (an existing file keeps its own)."""
+        if self.csv_stopped:
+            return
+        try:
+            if self.csv_writer is None:
+                self._open_csv(fields)
+            self.csv_writer.writerow({"iteration": iteration, **values,
+                                      "elapsed_s": round(time.time() - self.start_time, 3)})
+            self.csv_file.flush()  # in the operating system's hands: survives the process being killed
+        except OSError as error:  # e.g. a full disk: the log stops, the training goes on
+            self._stop_csv(iteration, error)
 
     def _stop_csv(self, iteration: int, error: OSError) -> None:
         """Write no more CSV rows after ``error``; say so in one line. Training goes on: stopping rank 0 alone would
@@ -167,14 +195,19 @@ class TrainingLogger:
             pass
         self.csv_file = None
 
-    def skip(self, reason: str) -> None:
-        """An iteration that made no training step: the progress bar advances, no CSV row is written; ``reason``
-        is printed for the first such iteration of the run only (train.py lists them all at the end)."""
+    def skip(self, reason: str, iteration: int = 0, validation: Optional[dict] = None) -> None:
+        """An iteration that made no training step: the progress bar advances, no CSV row is written (but for
+        ``validation``'s scores of 1-based ``iteration``: a row of them alone, once the CSV has its header);
+        ``reason`` is printed for the first such iteration of the run only (train.py lists them all at the end)."""
         if not self.enabled:
             return
         if not self.skipped:
             self.message(reason)
         self.skipped += 1
+        if validation:
+            self._add_scalars(iteration, self._validation_scalars(validation))
+            if self.csv_writer is not None or _csv_header(self.csv_path):  # a header made by a step's row
+                self._write_row(iteration, [], self._validation_cells(validation))
         self.bar.update(1)
 
     def message(self, text: str) -> None:
