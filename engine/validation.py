@@ -21,9 +21,9 @@ VALIDATION_SCORES = ("miou", "pixel_acc", "mean_acc")
 
 
 class Validation:
-    """``args`` (train.py's: val_every, val_list, dataset, data_dir, num_classes, num_workers, max_pixels) made a
-    validation of the list ``args.val_list``, every listed file checked here (``DataError`` naming the list: before
-    the first step). The model runs in ``channels_last`` and under autocast ``amp_dtype`` (None: float32), as the
+    """``args`` (train.py's: val_every, val_list, dataset, data_dir, clip_length, frame_stride, num_classes,
+    num_workers, max_pixels) made a validation of the list ``args.val_list``, every listed file checked here
+    (``DataError`` naming the list: before the first step). The model runs in ``channels_last`` and under autocast ``amp_dtype`` (None: float32), as the
     training does.
 
     :meth:`due` says when to validate; :meth:`run` scores the model (a collective: every process calls it);
@@ -34,7 +34,9 @@ class Validation:
         spec = get_dataset(args.dataset)
         self.every = args.val_every
         self.list_path = args.val_list
-        self.dataset = spec.dataset(args.data_dir, args.val_list, training=False)  # every listed file checked
+        # every listed file checked (a video run's clips: every frame)
+        self.dataset = spec.dataset(args.data_dir, args.val_list, clip_length=args.clip_length,
+                                    frame_stride=args.frame_stride, training=False)
         if self.dataset.entries[0].label_path is None:
             raise DataError(f"--val-list {args.val_list}: image-only lines, no labels to score against: list "
                             "'<image>\\t<label>' lines")

@@ -198,11 +198,13 @@ def test_train_py_trains_the_video_ccnet_on_clips_and_evaluate_py_scores_it(camv
     import train
 
     argv = camvid_demo.training_argv(tmp_path, "--dataset", "camvid", "--clip-length", "3", "--frame-stride", "2",
-                                     "--input-size", "32,48", "--random-mirror", "--channels-last", "1", steps=2)
+                                     "--input-size", "32,48", "--random-mirror", "--channels-last", "1",
+                                     "--val-every", "2", "--val-list", camvid_demo.val_list, steps=2)
     assert train.main(argv) == 0
     snapshot = torch.load(tmp_path / "CS_scenes_2.pth", weights_only=True)
     assert snapshot["args"]["clip_length"] == 3 and snapshot["args"]["frame_stride"] == 2
     assert snapshot["model"]["head.cca.query_conv.weight"].dim() == 5
+    assert (tmp_path / "CS_scenes_best.pth").is_file()  # validated on clips
     assert all(torch.isfinite(value).all() for value in snapshot["model"].values() if value.is_floating_point())
     capsys.readouterr()
     evaluation = ["--restore-from", str(tmp_path / "CS_scenes_2.pth"), "--data-dir", camvid_demo.root, "--data-list",
