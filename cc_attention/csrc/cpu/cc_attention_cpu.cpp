@@ -4,8 +4,9 @@
 // Every product is a row part (a batch of small GEMMs, one per image row y) plus a column part (one per image column
 // x); the blocks are read and written as those GEMMs' operands directly. Each GEMM packs its panels into contiguous
 // buffers; the micro-kernel keeps a block of accumulators in vector registers (GCC/Clang vector extension) and
-// streams them. float16 / bfloat16 features (CPU autocast) go through ATen's batched matrix multiply instead, and
-// the softmax runs as ATen tensor operations for every dtype (ops.cpp).
+// streams them. float16 / bfloat16 features (CPU autocast) go through ATen's batched matrix multiply instead (their
+// energies through the micro-kernel in float32, from float32 copies of the query and key), and the softmax runs as
+// ATen tensor operations for every dtype (ops.cpp).
 #include "../cc_attention.h"
 
 #include <ATen/Parallel.h>
@@ -254,6 +255,9 @@ bool micro_kernel_takes(const at::Tensor& t) {
 }
 
 void affinity_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at::Tensor& columns) {
+  if (rows.scalar_type() == at::kFloat && a.scalar_type() != at::kFloat) {  // float32 energies of 16-bit features
+    return affinity_cpu(a.to(at::kFloat), b.to(at::kFloat), rows, columns);
+  }
   if (!micro_kernel_takes(a)) return affinity_by_matmul(a, b, rows, columns);
   const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ccnet_affinity_cpu", [&] {
@@ -283,7 +287,7 @@ void scatter_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Te
   });
 }
 
-const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_by_tensor_ops_,
+const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_by_tensor_ops,
                                 softmax_backward_by_tensor_ops_, /*needs_unit_channel_stride=*/false};
 
 }  // namespace
