@@ -40,6 +40,9 @@ struct DeviceKernels {
                             const at::Tensor& columns);
   // Whether the products need features with a unit channel stride (NHWC-like); others are converted first.
   bool needs_unit_channel_stride;
+  // dst = src for two feature tensors of one shape in different memory formats (the conversions above), where the
+  // device has a faster way than ATen's copy_; nullptr: copy_.
+  void (*copy_features)(const at::Tensor& src, at::Tensor& dst);
 };
 
 // Design choices that only a GPU can measure, each with a switch (set from Python: cc_attention/library.py reads

@@ -1,5 +1,6 @@
-// Criss-cross attention on the CPU: the products of cc_attention.h for float32 / float64 features of any strides
-// (NCHW, NHWC, channel slices), with the attention in blocks (rows (N, H, W, W), columns (N, W, H, H)).
+// Criss-cross attention on the CPU: the products of cc_attention.h for float32 / float64 features with a unit
+// channel stride (NHWC, channel slices of NHWC; ops.cpp copies NCHW features to it), with the attention in blocks
+// (rows (N, H, W, W), columns (N, W, H, H)).
 //
 // Every product is a row part (a batch of small GEMMs, one per image row y) plus a column part (one per image column
 // x); the blocks are read and written as those GEMMs' operands directly. Each GEMM packs its panels into contiguous
@@ -65,6 +66,27 @@ void copy_2d(const T* src, int64_t s_row, int64_t s_col, T* dst, int64_t d_row, 
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = c0; c < c1; ++c) dst[r * d_row + c * d_col] = src[r * s_row + c * s_col];
     }
+}
+
+// dst[c * d_row + r] = src[r * s_row + c] for r < rows, c < cols: a transpose between two row-major matrices, in
+// 8 x 8 blocks that are read and written as runs of 8 contiguous elements (which the compiler vectorizes).
+template <typename T>
+void transpose(const T* src, int64_t s_row, T* dst, int64_t d_row, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 8;
+  const int64_t whole_rows = rows / kBlock * kBlock, whole_cols = cols / kBlock * kBlock;
+  for (int64_t r0 = 0; r0 < whole_rows; r0 += kBlock) {
+    for (int64_t c0 = 0; c0 < whole_cols; c0 += kBlock) {
+      T block[kBlock][kBlock];
+      for (int64_t i = 0; i < kBlock; ++i)
+        for (int64_t j = 0; j < kBlock; ++j) block[j][i] = src[(r0 + i) * s_row + c0 + j];
+      for (int64_t j = 0; j < kBlock; ++j)
+        for (int64_t i = 0; i < kBlock; ++i) dst[(c0 + j) * d_row + r0 + i] = block[j][i];
+    }
+    for (int64_t r = r0; r < r0 + kBlock; ++r)
+      for (int64_t c = whole_cols; c < cols; ++c) dst[c * d_row + r] = src[r * s_row + c];
+  }
+  for (int64_t r = whole_rows; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * d_row + r] = src[r * s_row + c];
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -179,12 +201,6 @@ Plane<T> plane(const at::Tensor& t, int64_t n) {
   return {t.data_ptr<std::remove_const_t<T>>() + n * t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// Channels per pass of a column part when channels are far apart in memory (NCHW): within a pass, neighbouring
-// columns x reuse the cache lines of the rows they read. Channel-contiguous features take all channels at once.
-constexpr int64_t kChannelsPerPass = 32;
-
-int64_t channels_per_pass(int64_t c_stride, int64_t C) { return c_stride == 1 ? std::max<int64_t>(C, 1) : kChannelsPerPass; }
-
 // The attention blocks of one image: rows[y][x][x'] at rows + y * row_y + x * row_x + x', columns[x][y][y'] at
 // columns + x * column_x + y * column_y + y' (the last dimension is contiguous; rows may be padded).
 template <typename T>
@@ -211,12 +227,9 @@ void affinity_plane(Plane<const T> a, Plane<const T> b, Blocks<T> out, int64_t C
   // Per y: (W x C) x (C x W).
   gemm<T>(a.data, {a.y_stride, a.x_stride, a.c_stride}, b.data, {b.y_stride, b.c_stride, b.x_stride}, out.rows,
           {out.row_y, out.row_x, 1}, H, W, C, W, false);
-  // Per x: (H x C) x (C x H), in passes over the channels.
-  const int64_t pass = channels_per_pass(a.c_stride, C);
-  for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += pass)
-    gemm<T>(a.data + c0 * a.c_stride, {a.x_stride, a.y_stride, a.c_stride}, b.data + c0 * b.c_stride,
-            {b.x_stride, b.c_stride, b.y_stride}, out.columns, {out.column_x, out.column_y, 1}, W, H,
-            std::min(pass, C - c0), H, c0 > 0);
+  // Per x: (H x C) x (C x H).
+  gemm<T>(a.data, {a.x_stride, a.y_stride, a.c_stride}, b.data, {b.x_stride, b.c_stride, b.y_stride}, out.columns,
+          {out.column_x, out.column_y, 1}, W, H, C, H, false);
 }
 
 // out[c, y, x] = sum_x' rows[y][x][x'] v[c, y, x'] + sum_y' columns[x][y][y'] v[c, y', x].
@@ -225,12 +238,9 @@ void gather_plane(Blocks<const T> attention, Plane<const T> v, Plane<T> out, int
   // Per y: (C x W') x (W' x W), the row block read transposed.
   gemm<T>(v.data, {v.y_stride, v.c_stride, v.x_stride}, attention.rows, {attention.row_y, 1, attention.row_x},
           out.data, {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
-  // Per x: (C x H') x (H' x H), the column block read transposed, in passes over the channels.
-  const int64_t pass = channels_per_pass(v.c_stride, C);
-  for (int64_t c0 = 0; c0 < C; c0 += pass)
-    gemm<T>(v.data + c0 * v.c_stride, {v.x_stride, v.c_stride, v.y_stride}, attention.columns,
-            {attention.column_x, 1, attention.column_y}, out.data + c0 * out.c_stride,
-            {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H, true);
+  // Per x: (C x H') x (H' x H), the column block read transposed.
+  gemm<T>(v.data, {v.x_stride, v.c_stride, v.y_stride}, attention.columns, {attention.column_x, 1, attention.column_y},
+          out.data, {out.x_stride, out.c_stride, out.y_stride}, W, C, H, H, true);
 }
 
 // out[c, y, x'] = sum_x g[c, y, x] rows[y][x][x'] + (at (y', x)) sum_y g[c, y, x] columns[x][y][y'].
@@ -239,12 +249,9 @@ void scatter_plane(Blocks<const T> attention, Plane<const T> g, Plane<T> out, in
   // Per y: (C x W) x (W x W').
   gemm<T>(g.data, {g.y_stride, g.c_stride, g.x_stride}, attention.rows, {attention.row_y, attention.row_x, 1},
           out.data, {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
-  // Per x: (C x H) x (H x H'), in passes over the channels.
-  const int64_t pass = channels_per_pass(g.c_stride, C);
-  for (int64_t c0 = 0; c0 < C; c0 += pass)
-    gemm<T>(g.data + c0 * g.c_stride, {g.x_stride, g.c_stride, g.y_stride}, attention.columns,
-            {attention.column_x, attention.column_y, 1}, out.data + c0 * out.c_stride,
-            {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H, true);
+  // Per x: (C x H) x (H x H').
+  gemm<T>(g.data, {g.x_stride, g.c_stride, g.y_stride}, attention.columns, {attention.column_x, attention.column_y, 1},
+          out.data, {out.x_stride, out.c_stride, out.y_stride}, W, C, H, H, true);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -287,8 +294,48 @@ void scatter_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Te
   });
 }
 
+// Whether element (n, c, y, x) of `t` lies at n * stride(0) + c * stride(1) + (y * W + x) * stride(3): each image a
+// (C x H*W) matrix (NCHW, NHWC and their channel slices).
+bool pixels_in_one_stride(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3); }
+
+// dst = src for float32 / float64 features in two memory formats: each image's (C x H*W) matrix transposed in
+// 8 x 8 blocks, panels of 64 pixels in parallel (ATen's copy_ of a transposed tensor is several times slower);
+// other cases through copy_.
+void copy_features_cpu(const at::Tensor& src, at::Tensor& dst) {
+  if (!micro_kernel_takes(src) || src.scalar_type() != dst.scalar_type() || !pixels_in_one_stride(src) ||
+      !pixels_in_one_stride(dst) || src.sizes() != dst.sizes()) {
+    dst.copy_(src);
+    return;
+  }
+  constexpr int64_t kPanel = 64;
+  const int64_t N = src.size(0), C = src.size(1), P = src.size(2) * src.size(3);
+  const int64_t panels = (P + kPanel - 1) / kPanel;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "ccnet_copy_features_cpu", [&] {
+    const scalar_t* from = src.data_ptr<scalar_t>();
+    scalar_t* to = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, N * panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / panels, p0 = task % panels * kPanel, count = std::min(kPanel, P - p0);
+        const scalar_t* panel_from = from + n * src.stride(0) + p0 * src.stride(3);
+        scalar_t* panel_to = to + n * dst.stride(0) + p0 * dst.stride(3);
+        if (src.stride(3) == 1 && dst.stride(1) == 1) {  // NCHW -> NHWC
+          transpose<scalar_t>(panel_from, src.stride(1), panel_to, dst.stride(3), C, count);
+        } else if (src.stride(1) == 1 && dst.stride(3) == 1) {  // NHWC -> NCHW
+          transpose<scalar_t>(panel_from, src.stride(3), panel_to, dst.stride(1), count, C);
+        } else {
+          copy_2d<scalar_t>(panel_from, src.stride(1), src.stride(3), panel_to, dst.stride(1), dst.stride(3), C,
+                            count);
+        }
+      }
+    });
+  });
+}
+
+// NCHW features are copied to channels-last first (ops.cpp): their column matrices have no unit stride, and
+// packing them element by element for every product cost more than the products themselves.
 const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_by_tensor_ops,
-                                softmax_backward_by_tensor_ops_, /*needs_unit_channel_stride=*/false};
+                                softmax_backward_by_tensor_ops_, /*needs_unit_channel_stride=*/true,
+                                copy_features_cpu};
 
 }  // namespace
 }  // namespace ccnet
