@@ -240,16 +240,18 @@ def _design_choices_from_environment() -> Dict[str, str]:
 
 
 def set_design_choice(name: str, value: str) -> None:
-    """Set one of :data:`DESIGN_CHOICES` for this process (after :func:`load`; not while the op runs). Benchmarks and
-    tests use it to compare both sides in one process; users set the environment variables."""
+    """Set one of :data:`DESIGN_CHOICES` for this process (not while the op runs; loads the library first).
+    Benchmarks and tests use it to compare both sides in one process; users set the environment variables."""
     _check_design_choice(name, value, f"design choice {name}")
-    torch.ops.ccnet.set_design_choice(name, value)
+    if load().devices:
+        torch.ops.ccnet.set_design_choice(name, value)
 
 
 def design_choice(name: str) -> str:
-    """The current value of one of :data:`DESIGN_CHOICES` (after :func:`load`)."""
+    """The current value of one of :data:`DESIGN_CHOICES` (loads the library first; without kernels, the
+    default)."""
     _check_design_choice_name(name)
-    return torch.ops.ccnet.design_choice(name)
+    return torch.ops.ccnet.design_choice(name) if load().devices else DESIGN_CHOICES[name][1][0]
 
 
 def loaded_state() -> Optional[LibraryState]:

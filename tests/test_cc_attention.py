@@ -487,12 +487,13 @@ def _wrong_kernel(query, key, value):
     return criss_cross_attention_reference(key, query, value)
 
 
-def test_self_check_passes_and_takes_milliseconds(fresh_decisions):
-    _require_kernels("cpu")
-    for dtype in (torch.float32, torch.bfloat16):
-        self_check.kernel_error("cpu", dtype)  # warm-up: the first call of each path allocates
+@pytest.mark.parametrize("device", DEVICES)
+def test_self_check_passes_and_takes_milliseconds(fresh_decisions, device):
+    _require_kernels(device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        self_check.kernel_error(device, dtype)  # warm-up: the first call of each path allocates
         start = time.perf_counter()
-        assert self_check.kernel_error("cpu", dtype) is None
+        assert self_check.kernel_error(device, dtype) is None
         assert time.perf_counter() - start < 0.5  # a few ms on a quiet 2-core machine; headroom for a loaded one
 
 
