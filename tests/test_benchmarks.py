@@ -190,7 +190,8 @@ def test_gpu_check_op_part_builds_tests_and_writes_the_op_table(repo_root, tmp_p
     done = subprocess.run(["bash", script, str(tmp_path / "out"), "op"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("machine", "build the kernels", "GPU tests", "criss-cross attention op"):
+    for name in ("machine", "build the kernels", "GPU tests",
+                 "criss-cross attention op (with each kernel design choice switched)"):
         assert f"== {name}: exit 0 after" in done.stdout
     assert "== throughput" not in done.stdout
     results = (tmp_path / "out" / "results.md").read_text()
