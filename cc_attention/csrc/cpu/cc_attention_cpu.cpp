@@ -68,14 +68,40 @@ void copy_2d(const T* src, int64_t s_row, int64_t s_col, T* dst, int64_t d_row, 
     }
 }
 
+// The 8 x 8 block of float32 at src (rows s_row apart) transposed into dst (rows d_row apart) in vector registers:
+// three rounds of two-vector shuffles (interleave elements, then pairs, then halves).
+inline void transpose_block(const float* src, int64_t s_row, float* dst, int64_t d_row) {
+  typedef int Mask __attribute__((vector_size(kVectorBytes)));
+  static_assert(kLanes<float> == 8, "8 floats per vector");
+  Vector<float> r[8], a[8], b[8];
+  for (int i = 0; i < 8; ++i) r[i] = load(src + i * s_row);
+  for (int i = 0; i < 8; i += 2) {  // a[i] = rows i, i+1 interleaved, columns 0-3; a[i+1]: columns 4-7
+    a[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 8, 1, 9, 2, 10, 3, 11});
+    a[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{4, 12, 5, 13, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)  // b: four rows of two columns each
+    for (int half = 0; half < 2; ++half) {
+      b[i + 2 * half] = __builtin_shuffle(a[i + half], a[i + half + 2], Mask{0, 1, 8, 9, 2, 3, 10, 11});
+      b[i + 2 * half + 1] = __builtin_shuffle(a[i + half], a[i + half + 2], Mask{4, 5, 12, 13, 6, 7, 14, 15});
+    }
+  for (int j = 0; j < 4; ++j) {  // columns 2j, 2j+1: rows 0-3 from b[j], rows 4-7 from b[j + 4]
+    store(dst + 2 * j * d_row, __builtin_shuffle(b[j], b[j + 4], Mask{0, 1, 2, 3, 8, 9, 10, 11}));
+    store(dst + (2 * j + 1) * d_row, __builtin_shuffle(b[j], b[j + 4], Mask{4, 5, 6, 7, 12, 13, 14, 15}));
+  }
+}
+
 // dst[c * d_row + r] = src[r * s_row + c] for r < rows, c < cols: a transpose between two row-major matrices, in
-// 8 x 8 blocks that are read and written as runs of 8 contiguous elements (which the compiler vectorizes).
+// 8 x 8 blocks read and written as runs of 8 contiguous elements (float32: shuffled in vector registers).
 template <typename T>
 void transpose(const T* src, int64_t s_row, T* dst, int64_t d_row, int64_t rows, int64_t cols) {
   constexpr int64_t kBlock = 8;
   const int64_t whole_rows = rows / kBlock * kBlock, whole_cols = cols / kBlock * kBlock;
   for (int64_t r0 = 0; r0 < whole_rows; r0 += kBlock) {
     for (int64_t c0 = 0; c0 < whole_cols; c0 += kBlock) {
+      if constexpr (std::is_same_v<T, float>) {
+        transpose_block(src + r0 * s_row + c0, s_row, dst + c0 * d_row + r0, d_row);
+        continue;
+      }
       T block[kBlock][kBlock];
       for (int64_t i = 0; i < kBlock; ++i)
         for (int64_t j = 0; j < kBlock; ++j) block[j][i] = src[(r0 + i) * s_row + c0 + j];
