@@ -281,6 +281,128 @@ void scatter_plane(Blocks<const T> attention, Plane<const T> g, Plane<T> out, in
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The joint softmax of float32 blocks and its backward, pixel by pixel (ATen's tensor operations take about ten
+// passes over the blocks, each larger than the caches); other dtypes through those tensor operations (ops.cpp).
+
+using FloatVector = Vector<float>;
+typedef int IntVector __attribute__((vector_size(kVectorBytes)));
+
+// exp(x) for x <= 0, 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial of degree 7
+// (relative error below 2e-7), times 2^n put into the exponent bits; x < -87 (e.g. -inf) gives 0, NaN gives NaN.
+inline FloatVector exp_nonpositive(FloatVector x) {
+  const FloatVector round_shift = FloatVector{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const FloatVector n = (x * 1.44269504f + round_shift) - round_shift;
+  const FloatVector r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts
+  FloatVector p = FloatVector{} + 1.0f / 5040;
+  for (float coefficient : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + coefficient;
+  const IntVector exponent = (__builtin_convertvector(n, IntVector) + 127) << 23;
+  FloatVector scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  return x < -87.0f ? FloatVector{} : p * scale;
+}
+
+// out[i] = exp(in[i] - maximum) for i < count (vectors, then single lanes); returns their sum.
+inline float exp_shifted(const float* in, float* out, int64_t count, float maximum) {
+  constexpr int L = kLanes<float>;
+  FloatVector sums{};
+  int64_t i = 0;
+  for (; i + L <= count; i += L) {
+    const FloatVector e = exp_nonpositive(load(in + i) - maximum);
+    store(out + i, e);
+    sums += e;
+  }
+  float sum = 0;
+  for (int lane = 0; lane < L; ++lane) sum += sums[lane];
+  if (i < count) {
+    FloatVector tail = FloatVector{} - __builtin_inff();
+    std::memcpy(&tail, in + i, (count - i) * sizeof(float));
+    const FloatVector e = exp_nonpositive(tail - maximum);
+    for (int64_t lane = 0; lane < count - i; ++lane) {
+      out[i + lane] = e[lane];
+      sum += e[lane];
+    }
+  }
+  return sum;
+}
+
+// In place on float32 blocks: energies -> attention, the softmax over each pixel's W row keys and H - 1 column keys
+// (the diagonal of columns is set to -inf first, so its weight is 0); tasks (n, y) in parallel.
+void softmax_float_(at::Tensor& rows, at::Tensor& columns) {
+  const int64_t N = rows.size(0), H = rows.size(1), W = rows.size(2);
+  float* row_data = rows.data_ptr<float>();
+  float* column_data = columns.data_ptr<float>();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, y = task % H;
+      for (int64_t x = 0; x < W; ++x) {
+        float* row = row_data + n * rows.stride(0) + y * rows.stride(1) + x * rows.stride(2);
+        float* column = column_data + n * columns.stride(0) + x * columns.stride(1) + y * columns.stride(2);
+        column[y] = -__builtin_inff();
+        float maximum = -__builtin_inff();
+        for (int64_t i = 0; i < W; ++i) maximum = std::max(maximum, row[i]);
+        for (int64_t i = 0; i < H; ++i) maximum = std::max(maximum, column[i]);
+        const float inverse = 1.0f / (exp_shifted(row, row, W, maximum) + exp_shifted(column, column, H, maximum));
+        for (int64_t i = 0; i < W; ++i) row[i] *= inverse;
+        for (int64_t i = 0; i < H; ++i) column[i] *= inverse;
+      }
+    }
+  });
+}
+
+void softmax_cpu(const at::Tensor& energy_rows, const at::Tensor& energy_columns, at::Tensor& rows,
+                 at::Tensor& columns) {
+  if (rows.scalar_type() != at::kFloat || !rows.is_same(energy_rows) || !columns.is_same(energy_columns)) {
+    return softmax_by_tensor_ops(energy_rows, energy_columns, rows, columns);
+  }
+  softmax_float_(rows, columns);
+}
+
+// sum_i a[i] * b[i] for i < count.
+inline float dot(const float* a, const float* b, int64_t count) {
+  constexpr int L = kLanes<float>;
+  FloatVector sums{};
+  int64_t i = 0;
+  for (; i + L <= count; i += L) sums += load(a + i) * load(b + i);
+  float sum = 0;
+  for (int lane = 0; lane < L; ++lane) sum += sums[lane];
+  for (; i < count; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// In place on float32 blocks: grad of the attention -> grad of the energies, attention * (grad - sum_keys(attention
+// * grad)), the diagonal of grad_columns 0; tasks (n, y) in parallel.
+void softmax_backward_float_(at::Tensor& grad_rows, at::Tensor& grad_columns, const at::Tensor& rows,
+                             const at::Tensor& columns) {
+  const int64_t N = rows.size(0), H = rows.size(1), W = rows.size(2);
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, y = task % H;
+      for (int64_t x = 0; x < W; ++x) {
+        float* grad_row = grad_rows.data_ptr<float>() + n * grad_rows.stride(0) + y * grad_rows.stride(1) +
+                          x * grad_rows.stride(2);
+        float* grad_column = grad_columns.data_ptr<float>() + n * grad_columns.stride(0) +
+                             x * grad_columns.stride(1) + y * grad_columns.stride(2);
+        const float* row = rows.data_ptr<float>() + n * rows.stride(0) + y * rows.stride(1) + x * rows.stride(2);
+        const float* column = columns.data_ptr<float>() + n * columns.stride(0) + x * columns.stride(1) +
+                              y * columns.stride(2);
+        grad_column[y] = 0;  // not a key (its attention is 0 too): whatever the product left there
+        const float total = dot(grad_row, row, W) + dot(grad_column, column, H);
+        for (int64_t i = 0; i < W; ++i) grad_row[i] = row[i] * (grad_row[i] - total);
+        for (int64_t i = 0; i < H; ++i) grad_column[i] = column[i] * (grad_column[i] - total);
+      }
+    }
+  });
+}
+
+void softmax_backward_cpu_(at::Tensor& grad_rows, at::Tensor& grad_columns, const at::Tensor& rows,
+                           const at::Tensor& columns) {
+  if (rows.scalar_type() != at::kFloat || grad_rows.scalar_type() != at::kFloat) {
+    return softmax_backward_by_tensor_ops_(grad_rows, grad_columns, rows, columns);
+  }
+  softmax_backward_float_(grad_rows, grad_columns, rows, columns);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // The CPU kernels: the micro-kernel for float32 / float64, ATen's batched matrix multiply for 16-bit types.
 
 bool micro_kernel_takes(const at::Tensor& t) {
@@ -359,8 +481,9 @@ void copy_features_cpu(const at::Tensor& src, at::Tensor& dst) {
 
 // NCHW features are copied to channels-last first (ops.cpp): their column matrices have no unit stride, and
 // packing them element by element for every product cost more than the products themselves.
-const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_by_tensor_ops,
-                                softmax_backward_by_tensor_ops_, /*needs_unit_channel_stride=*/true,
+const DeviceKernels kCpuKernels{affinity_cpu,         gather_cpu,
+                                scatter_cpu,          softmax_cpu,
+                                softmax_backward_cpu_, /*needs_unit_channel_stride=*/true,
                                 copy_features_cpu};
 
 }  // namespace
