@@ -40,9 +40,6 @@ struct DeviceKernels {
                             const at::Tensor& columns);
   // Whether the products need features with a unit channel stride (NHWC-like); others are converted first.
   bool needs_unit_channel_stride;
-  // dst = src for two feature tensors of one shape in different memory formats (the conversions above), where the
-  // device has a faster way than ATen's copy_; nullptr: copy_.
-  void (*copy_features)(const at::Tensor& src, at::Tensor& dst);
 };
 
 // Design choices that only a GPU can measure, each with a switch (set from Python: cc_attention/library.py reads
@@ -78,7 +75,7 @@ void gather_by_matmul(const at::Tensor& rows, const at::Tensor& columns, const a
 void scatter_by_matmul(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& g, at::Tensor& out,
                        ColumnMatmul column_matmul = nullptr);
 
-// The joint softmax and its backward as ATen tensor operations (the CPU kernels).
+// The joint softmax and its backward as ATen tensor operations (the CPU kernels for other types than float32).
 void softmax_by_tensor_ops(const at::Tensor& energy_rows, const at::Tensor& energy_columns, at::Tensor& rows,
                            at::Tensor& columns);
 void softmax_backward_by_tensor_ops_(at::Tensor& grad_rows, at::Tensor& grad_columns, const at::Tensor& rows,

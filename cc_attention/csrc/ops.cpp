@@ -143,20 +143,10 @@ Tensor empty_features(const Tensor& like) {
                                                                             : at::MemoryFormat::Contiguous));
 }
 
-void copy_features(const DeviceKernels& kernels, const Tensor& src, Tensor& dst) {
-  if (kernels.copy_features != nullptr) {
-    kernels.copy_features(src, dst);
-  } else {
-    dst.copy_(src);
-  }
-}
-
 // `t` as the device's products take it (a channels-last copy where they need a unit channel stride).
 Tensor operand(const DeviceKernels& kernels, const Tensor& t) {
   if (!kernels.needs_unit_channel_stride || t.stride(1) == 1) return t;
-  Tensor copy = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
-  copy_features(kernels, t, copy);
-  return copy;
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // Runs product(target) for the output `out`: into `out` itself, or through a channels-last temporary copied back.
@@ -168,7 +158,7 @@ void write_features(const DeviceKernels& kernels, Tensor& out, Product product) 
   }
   Tensor work = at::empty(out.sizes(), out.options().memory_format(at::MemoryFormat::ChannelsLast));
   product(work);
-  copy_features(kernels, work, out);
+  out.copy_(work);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-// Criss-cross attention on the CPU: the products of cc_attention.h for float32 / float64 features with a unit
-// channel stride (NHWC, channel slices of NHWC; ops.cpp copies NCHW features to it), with the attention in blocks
-// (rows (N, H, W, W), columns (N, W, H, H)).
+// Criss-cross attention on the CPU: the products of cc_attention.h for float32 / float64 features, with the attention
+// in blocks (rows (N, H, W, W), columns (N, W, H, H)). The micro-kernel takes features with a unit channel stride
+// (NHWC, channel slices of NHWC); NCHW features are copied to channels-last one image at a time (their column
+// matrices have no unit stride: packing them element by element for every product cost more than the products).
 //
 // Every product is a row part (a batch of small GEMMs, one per image row y) plus a column part (one per image column
 // x); the blocks are read and written as those GEMMs' operands directly. Each GEMM packs its panels into contiguous
@@ -409,39 +410,6 @@ bool micro_kernel_takes(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-void affinity_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at::Tensor& columns) {
-  if (rows.scalar_type() == at::kFloat && a.scalar_type() != at::kFloat) {  // float32 energies of 16-bit features
-    return affinity_cpu(a.to(at::kFloat), b.to(at::kFloat), rows, columns);
-  }
-  if (!micro_kernel_takes(a)) return affinity_by_matmul(a, b, rows, columns);
-  const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ccnet_affinity_cpu", [&] {
-    for (int64_t n = 0; n < a.size(0); ++n)
-      affinity_plane<scalar_t>(plane<const scalar_t>(a, n), plane<const scalar_t>(b, n),
-                               blocks<scalar_t>(rows, columns, n), C, H, W);
-  });
-}
-
-void gather_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& v, at::Tensor& out) {
-  if (!micro_kernel_takes(v)) return gather_by_matmul(rows, columns, v, out);
-  const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ccnet_gather_cpu", [&] {
-    for (int64_t n = 0; n < v.size(0); ++n)
-      gather_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(v, n),
-                             plane<scalar_t>(out, n), C, H, W);
-  });
-}
-
-void scatter_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& g, at::Tensor& out) {
-  if (!micro_kernel_takes(g)) return scatter_by_matmul(rows, columns, g, out);
-  const int64_t C = g.size(1), H = g.size(2), W = g.size(3);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "ccnet_scatter_cpu", [&] {
-    for (int64_t n = 0; n < g.size(0); ++n)
-      scatter_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(g, n),
-                              plane<scalar_t>(out, n), C, H, W);
-  });
-}
-
 // Whether element (n, c, y, x) of `t` lies at n * stride(0) + c * stride(1) + (y * W + x) * stride(3): each image a
 // (C x H*W) matrix (NCHW, NHWC and their channel slices).
 bool pixels_in_one_stride(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3); }
@@ -449,7 +417,7 @@ bool pixels_in_one_stride(const at::Tensor& t) { return t.size(2) == 1 || t.stri
 // dst = src for float32 / float64 features in two memory formats: each image's (C x H*W) matrix transposed in
 // 8 x 8 blocks, panels of 64 pixels in parallel (ATen's copy_ of a transposed tensor is several times slower);
 // other cases through copy_.
-void copy_features_cpu(const at::Tensor& src, at::Tensor& dst) {
+void copy_features_cpu(const at::Tensor& src, const at::Tensor& dst) {
   if (!micro_kernel_takes(src) || src.scalar_type() != dst.scalar_type() || !pixels_in_one_stride(src) ||
       !pixels_in_one_stride(dst) || src.sizes() != dst.sizes()) {
     dst.copy_(src);
@@ -479,12 +447,76 @@ void copy_features_cpu(const at::Tensor& src, at::Tensor& dst) {
   });
 }
 
-// NCHW features are copied to channels-last first (ops.cpp): their column matrices have no unit stride, and
-// packing them element by element for every product cost more than the products themselves.
-const DeviceKernels kCpuKernels{affinity_cpu,         gather_cpu,
-                                scatter_cpu,          softmax_cpu,
-                                softmax_backward_cpu_, /*needs_unit_channel_stride=*/true,
-                                copy_features_cpu};
+// Image n of the features `t` as the micro-kernel takes it, (1, C, H, W) with a unit channel stride: t[n] itself,
+// or a channels-last copy of it. One image at a time, so that a copy is the size of one image: glibc reuses such
+// blocks from call to call, while a batch-sized block above its mmap threshold (32 MB) would be mapped and faulted
+// in anew at every call.
+at::Tensor image_for_products(const at::Tensor& t, int64_t n) {
+  const at::Tensor image = t.narrow(0, n, 1);
+  if (image.stride(1) == 1 || image.size(1) == 1) return image;
+  at::Tensor copy = at::empty(image.sizes(), image.options().memory_format(at::MemoryFormat::ChannelsLast));
+  copy_features_cpu(image, copy);
+  return copy;
+}
+
+// Runs product(target) for image n of `out`: into it, or into a channels-last image copied into it afterwards.
+template <typename Product>
+void write_image(const at::Tensor& out, int64_t n, Product product) {
+  at::Tensor image = out.narrow(0, n, 1);
+  if (image.stride(1) == 1 || image.size(1) == 1) {
+    product(image);
+    return;
+  }
+  at::Tensor work = at::empty(image.sizes(), image.options().memory_format(at::MemoryFormat::ChannelsLast));
+  product(work);
+  copy_features_cpu(work, image);
+}
+
+void affinity_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at::Tensor& columns) {
+  if (rows.scalar_type() == at::kFloat && a.scalar_type() != at::kFloat) {  // float32 energies of 16-bit features
+    return affinity_cpu(a.to(at::kFloat), b.to(at::kFloat), rows, columns);
+  }
+  if (!micro_kernel_takes(a)) return affinity_by_matmul(a, b, rows, columns);
+  const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ccnet_affinity_cpu", [&] {
+    for (int64_t n = 0; n < a.size(0); ++n)
+      affinity_plane<scalar_t>(plane<const scalar_t>(image_for_products(a, n), 0),
+                               plane<const scalar_t>(image_for_products(b, n), 0), blocks<scalar_t>(rows, columns, n),
+                               C, H, W);
+  });
+}
+
+void gather_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& v, at::Tensor& out) {
+  if (!micro_kernel_takes(v)) return gather_by_matmul(rows, columns, v, out);
+  const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ccnet_gather_cpu", [&] {
+    for (int64_t n = 0; n < v.size(0); ++n) {
+      const at::Tensor v_n = image_for_products(v, n);
+      write_image(out, n, [&](const at::Tensor& target) {
+        gather_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(v_n, 0),
+                               plane<scalar_t>(target, 0), C, H, W);
+      });
+    }
+  });
+}
+
+void scatter_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& g, at::Tensor& out) {
+  if (!micro_kernel_takes(g)) return scatter_by_matmul(rows, columns, g, out);
+  const int64_t C = g.size(1), H = g.size(2), W = g.size(3);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "ccnet_scatter_cpu", [&] {
+    for (int64_t n = 0; n < g.size(0); ++n) {
+      const at::Tensor g_n = image_for_products(g, n);
+      write_image(out, n, [&](const at::Tensor& target) {
+        scatter_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(g_n, 0),
+                                plane<scalar_t>(target, 0), C, H, W);
+      });
+    }
+  });
+}
+
+// The products convert NCHW features to channels-last themselves, image by image (image_for_products).
+const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_cpu, softmax_backward_cpu_,
+                                /*needs_unit_channel_stride=*/false};
 
 }  // namespace
 }  // namespace ccnet

@@ -461,7 +461,7 @@ void scatter_cuda(const at::Tensor& rows, const at::Tensor& columns, const at::T
 }
 
 const DeviceKernels kCudaKernels{affinity_cuda, gather_cuda, scatter_cuda, softmax_cuda, softmax_backward_cuda_,
-                                 /*needs_unit_channel_stride=*/true, /*copy_features=*/nullptr};
+                                 /*needs_unit_channel_stride=*/true};
 
 }  // namespace
 }  // namespace ccnet
