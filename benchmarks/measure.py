@@ -3,6 +3,8 @@
 * :func:`default_device`, :func:`add_device_argument` (``--device``), :func:`describe_device` (for a table's title).
 * :func:`time_calls`: seconds per call, with the GPU synchronized before and after each call (CUDA runs
   asynchronously: without that, a timer measures the launch, not the work).
+* :func:`time_interleaved`: several functions timed in rounds, one call of each per round, so that other load on
+  the machine falls on all alike; :func:`quartiles` and :func:`paired_ratios` summarize them (median and spread).
 * :class:`PeakMemory`: the peak memory of a ``with`` block. CPU: the resident set size, Python and torch included
   (Linux: the kernel's high-water mark VmHWM, reset when the block starts); CUDA: ``torch.cuda.max_memory_allocated``
   (tensors only; the allocator's cache and the CUDA context are not counted).
@@ -17,6 +19,7 @@ import argparse
 import multiprocessing
 import platform
 import resource
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
@@ -74,6 +77,38 @@ def time_calls(function: Callable[[], object], repeats: int, device: str, warmup
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def time_interleaved(functions: Dict[str, Callable[[], object]], rounds: int, device: str,
+                     warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds of each call of each of ``functions`` (name -> function), in ``rounds`` rounds of one call of every
+    function in turn, after ``warmup`` untimed rounds; the GPU synchronized around each call."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quartiles(values: List[float]) -> Tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values`` (linear interpolation; one value: all three)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    first, median, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, median, third
+
+
+def paired_ratios(numerators: List[float], denominators: List[float]) -> List[float]:
+    """``numerators[i] / denominators[i]`` for each round ``i`` of :func:`time_interleaved`: a ratio of two rows
+    measured side by side in every round, which load that drifts between rounds leaves alone."""
+    return [n / d for n, d in zip(numerators, denominators)]
 
 
 def _reset_cpu_peak() -> bool:

@@ -23,13 +23,14 @@ rewritten after each row (a run stopped half-way leaves the rows it measured).
 import argparse
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from benchmarks.measure import (PeakMemory, add_device_argument, count_gflops, describe_device, matmul_peaks,
                                 run_isolated, time_calls, write_lines)
+from cc_attention import library
 from engine.train_step import AMP_DTYPES, compile_forward_loss, fused_sgd_available, make_sgd, optimizer_step
 from libs.norm import inplace_abn_available
 from networks import BACKBONES, build_model
@@ -60,6 +61,7 @@ class StepConfig:
     compile: bool = False
     fused: bool = False
     cudnn_benchmark: bool = True
+    design_choice: Optional[Tuple[str, str]] = None  # a design choice of the attention kernels, else the defaults
 
 
 def skip_reason(config: StepConfig) -> Optional[str]:
@@ -79,6 +81,8 @@ def measure_steps(config: StepConfig) -> dict:
     inputs)."""
     device = torch.device(config.device)
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
+    if config.design_choice is not None:
+        library.set_design_choice(*config.design_choice)
     torch.manual_seed(0)
     memory_format = LAYOUTS[config.layout]
     with device:  # initialized where it runs (fast on a GPU)
@@ -138,8 +142,8 @@ def step_table(configs: Sequence[StepConfig], mfu: bool = True, output: Optional
     memory = "peak GPU memory" if first.device == "cuda" else "peak RSS"
     lines = [_title(first, peaks, step_gflops[first.backbone, first.size, first.recurrence]), "",
              "| batch | norm | precision | layout | compile | SGD | cudnn.benchmark | first step | step time "
-             f"| images/s | TFLOP/s | MFU | {memory} | added by the steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| images/s | TFLOP/s | MFU | {memory} | added by the steps | attention kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     write_lines(output, lines)
     for config in configs:
         precision = "fp32" if config.amp == "off" else config.amp
@@ -152,8 +156,9 @@ def step_table(configs: Sequence[StepConfig], mfu: bool = True, output: Optional
                 result = run_isolated(measure_steps, config)
             except Exception as error:  # shown in its row; the other configurations still run
                 reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        kernels = "default" if config.design_choice is None else "=".join(config.design_choice)
         if reason is not None:
-            lines.append(f"{cells} n/a: {reason} | | | | | | |")
+            lines.append(f"{cells} n/a: {reason} | | | | | | | {kernels} |")
         else:
             median = statistics.median(result["times"])
             tflops = config.batch_size * step_gflops[config.backbone, config.size, config.recurrence] / median / 1e3
@@ -163,7 +168,8 @@ def step_table(configs: Sequence[StepConfig], mfu: bool = True, output: Optional
                 mfu_cell = f"{100 * tflops / peak:.1f}% of {peak_name}"
             rate = f"| {tflops:.3g} | {mfu_cell} |"
             lines.append(f"{cells} {result['first']:.2f} s | {1000 * median:.1f} ms | {config.batch_size / median:.2f} "
-                         f"{rate} {result['peak'] / 2 ** 30:.2f} GiB | {result['growth'] / 2 ** 30:.2f} GiB |")
+                         f"{rate} {result['peak'] / 2 ** 30:.2f} GiB | {result['growth'] / 2 ** 30:.2f} GiB | "
+                         f"{kernels} |")
         print(lines[-1], file=sys.stderr, flush=True)
         write_lines(output, lines)
     return "\n".join(lines)
@@ -198,6 +204,19 @@ def parse_row(text: str) -> Tuple[int, str, str, bool, Optional[bool], Optional[
     return batch, amp, layout, compiled, fused, autotune
 
 
+def parse_design_choice(text: str) -> Optional[Tuple[str, str]]:
+    """``"default"`` -> None; ``"column_gemm=per_image"`` -> ``("column_gemm", "per_image")`` (checked against
+    ``cc_attention.library.DESIGN_CHOICES``)."""
+    if text == "default":
+        return None
+    name, _, value = text.partition("=")
+    if value not in library.DESIGN_CHOICES.get(name, ((), ()))[1]:
+        raise argparse.ArgumentTypeError(
+            "expected default or NAME=VALUE with " + "; ".join(f"{choice}: {'/'.join(values)}" for choice, (_, values)
+                                                                  in library.DESIGN_CHOICES.items()) + f", got {text!r}")
+    return name, value
+
+
 def main(argv=None) -> int:
     """Exit codes: 0 done (a configuration that failed says why in its row), 2 bad command line."""
     parser = ArgumentParser(__doc__.split("\n\n")[0])
@@ -227,6 +246,11 @@ def main(argv=None) -> int:
                              "[:FUSED[:CUDNN_BENCHMARK]] each, e.g. 8:bf16:nhwc:1,2:off:nchw:0,8:bf16:nhwc:0:0 (the "
                              "norm, and fused and cudnn.benchmark where a row leaves them out: their flags' first "
                              "value)")
+    parser.add_argument("--design-choices", type=csv_of(parse_design_choice), default=[None],
+                        metavar="default,NAME=VALUE,...",
+                        help="each row once per entry: default (the attention kernels' defaults) or a design choice "
+                             "of the kernels switched, e.g. column_gemm=per_image (cc_attention.library."
+                             "DESIGN_CHOICES); the last loop")
     parser.add_argument("--no-mfu", action="store_true", help="skip the matrix-product peak, TFLOP/s and MFU")
     parser.add_argument("--output", default=None, help="also write the Markdown table to this file")
     args = parser.parse_args(argv)
@@ -240,6 +264,7 @@ def main(argv=None) -> int:
         configs = configs_for(args.backbone, args.size, args.batch_size, args.recurrence, args.norm, args.amp,
                               args.steps, args.warmup, args.device, args.layouts, args.compile, fused,
                               args.cudnn_benchmark)
+    configs = [replace(config, design_choice=choice) for config in configs for choice in args.design_choices]
     print(step_table(configs, mfu=not args.no_mfu, output=args.output))
     return EXIT_OK
 

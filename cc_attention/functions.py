@@ -13,7 +13,7 @@ increasing order.
 import torch
 
 from . import backends
-from .reference import ca_map_reference, ca_weight_reference
+from .reference import ca_map_reference, ca_weight_reference, criss_cross_attention_reference
 
 
 def _describe(**tensors) -> str:
@@ -72,11 +72,13 @@ def ca_weight(query: torch.Tensor, key: torch.Tensor, backend=None) -> torch.Ten
     """Criss-cross energies: ``(N, C', H, W) x (N, C', H, W) -> (N, H+W-1, H, W)`` (contiguous).
 
     For the pixel ``(y, x)``, channels ``[0, W)`` hold ``<query[:, y, x], key[:, y, x']>`` for ``x' = 0..W-1`` and
-    channels ``[W, W+H-1)`` hold ``<query[:, y, x], key[:, y', x]>`` for ``y' != y`` in increasing order.
+    channels ``[W, W+H-1)`` hold ``<query[:, y, x], key[:, y', x]>`` for ``y' != y`` in increasing order. The energies
+    have the inputs' dtype: in float16 an energy beyond 65504 is inf (:func:`criss_cross_attention` keeps them in
+    float32).
     """
     query, key = _autocast(query, key)
     _check_weight_inputs(query, key)
-    if backends.uses_kernels(backend, query.device.type):
+    if backends.uses_kernels(backend, query.device.type, query.dtype):
         return torch.ops.ccnet.ca_weight(query, key)
     return ca_weight_reference(query, key)
 
@@ -88,7 +90,7 @@ def ca_map(attention: torch.Tensor, value: torch.Tensor, backend=None) -> torch.
     """
     attention, value = _autocast(attention, value)
     _check_map_inputs(attention, value)
-    if backends.uses_kernels(backend, value.device.type):
+    if backends.uses_kernels(backend, value.device.type, value.dtype):
         return torch.ops.ccnet.ca_map(attention, value)
     return ca_map_reference(attention, value)
 
@@ -97,14 +99,15 @@ def criss_cross_attention(query, key, value, backend=None) -> torch.Tensor:
     """``ca_map(softmax(ca_weight(query, key), dim=1), value)``: ``(N, C', H, W)``, ``(N, C', H, W)``,
     ``(N, C, H, W)`` -> ``(N, C, H, W)``.
 
-    On the kernels it is one fused operator: the attention never takes the public layout, the softmax (float32 for
-    16-bit inputs) runs in place, and only the attention is kept for the backward pass.
+    On the kernels it is one fused operator: the attention never takes the public layout, and only the attention is
+    kept for the backward pass. For 16-bit inputs the energies and the softmax are float32 on every backend (an
+    energy |q.k| > 65504 stays finite); the attention and the output have the inputs' dtype.
     """
     query, key, value = _autocast(query, key, value)
     _check_weight_inputs(query, key)
     _check_common(query=query, value=value)
     if query.shape[0] != value.shape[0] or query.shape[2:] != value.shape[2:]:
         raise ValueError(f"query and value must agree in N, H and W; got {_describe(query=query, value=value)}")
-    if backends.uses_kernels(backend, value.device.type):
+    if backends.uses_kernels(backend, value.device.type, value.dtype):
         return torch.ops.ccnet.criss_cross_attention(query, key, value)
-    return ca_map_reference(torch.softmax(ca_weight_reference(query, key), dim=1), value)
+    return criss_cross_attention_reference(query, key, value)

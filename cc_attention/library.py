@@ -20,7 +20,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -28,6 +28,15 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 COMMON_SOURCES = ("ops.cpp", "cpu/cc_attention_cpu.cpp")
 CUDA_SOURCES = ("cuda/cc_attention_cuda.cu",)
 DEVICES = ("cpu", "cuda")
+
+
+# The kernels' design choices that only a GPU can measure (csrc/cc_attention.h, DesignChoices): name -> (the
+# environment variable read once, when the library loads; its values, the default first).
+DESIGN_CHOICES = {
+    "energy_dtype": ("CCNET_CC_ENERGY_DTYPE", ("float32", "input")),
+    "column_gemm": ("CCNET_CC_COLUMN_GEMM", ("batched", "per_image")),
+    "softmax_loads": ("CCNET_CC_SOFTMAX_LOADS", ("vector", "scalar")),
+}
 
 
 class _DropNoCudaRuntimeNotice(logging.Filter):
@@ -104,6 +113,19 @@ def _prepare_cuda_build(cpp_extension) -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
 
+def _cuda_library_include_paths(cuda_home: Optional[str]) -> List[str]:
+    """Include folders with the CUDA libraries' headers (cuBLAS, cuSPARSE: ``ATen/cuda/CUDAContext.h`` includes them)
+    where the toolkit at ``cuda_home`` lacks them: those of the ``nvidia`` wheels that torch installs."""
+    if cuda_home is not None and (Path(cuda_home) / "include" / "cublas_v2.h").exists():
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(str(folder) for root in nvidia.__path__ for folder in Path(root).glob("*/include")
+                  if (folder / "cublas_v2.h").exists() or (folder / "cusparse.h").exists())
+
+
 def build(with_cuda: bool, verbose: bool = False) -> None:
     """Compile (or take from the cache) and load the library, with or without the CUDA kernels; raises on failure.
 
@@ -111,13 +133,14 @@ def build(with_cuda: bool, verbose: bool = False) -> None:
     """
     cpp_extension = _cpp_extension()
     sources = list(COMMON_SOURCES)
-    cuda_flags = []
+    cuda_flags, include_paths = [], [str(_CSRC)]
     if with_cuda:
         if torch.version.cuda is None:
             raise RuntimeError(f"this torch build ({torch.__version__}) has no CUDA support")
         _prepare_cuda_build(cpp_extension)
         sources += CUDA_SOURCES
         cuda_flags = ["-O3"]
+        include_paths += _cuda_library_include_paths(cpp_extension.CUDA_HOME)
     compile_flags, link_flags = _cpu_flags()
     cpp_extension.load(
         name=library_name(with_cuda),
@@ -125,7 +148,7 @@ def build(with_cuda: bool, verbose: bool = False) -> None:
         extra_cflags=compile_flags,
         extra_cuda_cflags=cuda_flags,
         extra_ldflags=link_flags,
-        extra_include_paths=[str(_CSRC)],
+        extra_include_paths=include_paths,
         is_python_module=False,
         verbose=verbose,
     )
@@ -167,6 +190,7 @@ def load() -> LibraryState:
         return _state
     with _load_lock:
         if _state is None:
+            chosen = _design_choices_from_environment()
             missing = {}
             cuda_reason = _wants_cuda()
             if cuda_reason is None:
@@ -174,6 +198,8 @@ def load() -> LibraryState:
                     build(with_cuda=True)
                     _register_fake_kernels()
                     _state = LibraryState(frozenset(DEVICES))
+                    for name, value in chosen.items():
+                        torch.ops.ccnet.set_design_choice(name, value)
                     return _state
                 except Exception as error:  # any build problem: compiler, nvcc, toolkit mismatch, ...
                     cuda_reason = "building the CUDA kernels failed:\n" + failure_reason(error)
@@ -182,10 +208,50 @@ def load() -> LibraryState:
                 build(with_cuda=False)
                 _register_fake_kernels()
                 _state = LibraryState(frozenset({"cpu"}), missing)
+                for name, value in chosen.items():
+                    torch.ops.ccnet.set_design_choice(name, value)
             except Exception as error:
                 reason = "building the kernels failed:\n" + failure_reason(error)
                 _state = LibraryState(frozenset(), {device: reason for device in DEVICES})
     return _state
+
+
+def _check_design_choice_name(name: str) -> None:
+    if name not in DESIGN_CHOICES:
+        raise ValueError(f"unknown design choice {name!r}; expected one of {', '.join(DESIGN_CHOICES)}")
+
+
+def _check_design_choice(name: str, value: str, source: str) -> None:
+    _check_design_choice_name(name)
+    values = DESIGN_CHOICES[name][1]
+    if value not in values:
+        raise ValueError(f"{source} is {value!r}; expected one of {', '.join(values)}")
+
+
+def _design_choices_from_environment() -> Dict[str, str]:
+    """The design choices that the environment sets (validated: a bad value is a one-line ValueError)."""
+    chosen = {}
+    for name, (variable, _) in DESIGN_CHOICES.items():
+        value = os.environ.get(variable)
+        if value:
+            _check_design_choice(name, value, f"environment variable {variable}")
+            chosen[name] = value
+    return chosen
+
+
+def set_design_choice(name: str, value: str) -> None:
+    """Set one of :data:`DESIGN_CHOICES` for this process (not while the op runs; loads the library first).
+    Benchmarks and tests use it to compare both sides in one process; users set the environment variables."""
+    _check_design_choice(name, value, f"design choice {name}")
+    if load().devices:
+        torch.ops.ccnet.set_design_choice(name, value)
+
+
+def design_choice(name: str) -> str:
+    """The current value of one of :data:`DESIGN_CHOICES` (loads the library first; without kernels, the
+    default)."""
+    _check_design_choice_name(name)
+    return torch.ops.ccnet.design_choice(name) if load().devices else DESIGN_CHOICES[name][1][0]
 
 
 def loaded_state() -> Optional[LibraryState]:

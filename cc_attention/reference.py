@@ -64,3 +64,17 @@ def ca_map_reference(attention: torch.Tensor, value: torch.Tensor) -> torch.Tens
         n, height, height, width, dtype=attention.dtype, device=attention.device
     ).scatter(1, _expanded_index(n, height, width, attention.device), column_attention)
     return out + torch.einsum("nzyx,nczx->ncyx", column_full, value)
+
+
+def criss_cross_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``ca_map_reference(softmax(ca_weight_reference(query, key), dim=1), value)``: ``(N, C', H, W)``,
+    ``(N, C', H, W)``, ``(N, C, H, W)`` -> ``(N, C, H, W)``.
+
+    For 16-bit inputs the energies and the softmax are computed in float32 (from float32 copies of the query and the
+    key, C' channels), as the kernels do: in float16 an energy |q.k| > 65504 would be inf and the softmax NaN.
+    """
+    if query.dtype in (torch.float16, torch.bfloat16):
+        attention = torch.softmax(ca_weight_reference(query.float(), key.float()), dim=1).to(value.dtype)
+    else:
+        attention = torch.softmax(ca_weight_reference(query, key), dim=1)
+    return ca_map_reference(attention, value)

@@ -8,8 +8,12 @@ The backbone uses it with ``activation="identity"`` (a separate ReLU follows), t
 * ``"bn"``: :class:`BatchNormAct`, an ``nn.BatchNorm2d`` followed by the same activation;
 * ``"syncbn"``: :class:`SyncBatchNormAct`, an ``nn.SyncBatchNorm`` followed by the same activation (multi-GPU
   without the optional package);
-* ``"auto"``: the in-place kinds when ``inplace_abn`` imports, the BatchNorm kinds otherwise; the synchronized
-  variant when ``torch.distributed`` is initialized with more than one process.
+* ``"auto"``: the BatchNorm kinds (``"bn"``, or ``"syncbn"`` when ``torch.distributed`` is initialized with more
+  than one process). InPlaceABN only on request: it saves activation memory, but it rejects bfloat16 and its kernels
+  are not checked in channels_last, so with it a GPU trains in NCHW (``engine.train_step.use_channels_last``), the
+  slow path of cuDNN's tensor-core convolutions and of the attention kernels. Which of BN + channels_last and
+  InPlaceABN in NCHW trains faster is measured by ``benchmarks/gpu_check.sh`` (docs/benchmarks.md); until a GPU
+  has measured it, auto is BatchNorm.
 
 All kinds have the same parameters and state-dict keys (``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``) and compute the same function, so a checkpoint trained with one loads into any other.
@@ -128,10 +132,7 @@ def resolve_norm_kind(kind: str) -> str:
         raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
     if kind != "auto":
         return kind
-    synchronized = _process_group_size() > 1
-    if inplace_abn_available():
-        return "inplace_abn_sync" if synchronized else "inplace_abn"
-    return "syncbn" if synchronized else "bn"
+    return "syncbn" if _process_group_size() > 1 else "bn"
 
 
 def make_norm(kind: str = "auto") -> NormFactory:

@@ -190,13 +190,34 @@ def test_gpu_check_op_part_builds_tests_and_writes_the_op_table(repo_root, tmp_p
     done = subprocess.run(["bash", script, str(tmp_path / "out"), "op"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("machine", "build the kernels", "GPU tests", "criss-cross attention op"):
+    for name in ("machine", "build the kernels", "GPU tests",
+                 "criss-cross attention op (with each kernel design choice switched)"):
         assert f"== {name}: exit 0 after" in done.stdout
     assert "== throughput" not in done.stdout
-    rows = _table_rows((tmp_path / "out" / "results.md").read_text(), "1 | fp32 | nchw | op |")
-    assert [row[4] for row in rows] == ["plain", "reference", "kernels"] and rows[0][9] == "1.00x / 1.00x"
+    results = (tmp_path / "out" / "results.md").read_text()
+    rows = _table_rows(results, "1 | fp32 | nchw | op |")
+    assert [row[4] for row in rows] == ["plain", "reference", "kernels", "kernels, energy_dtype=input"]
+    assert rows[0][9] == "1.00x [1.00-1.00] / 1.00x [1.00-1.00]"
+    pairs = _table_rows(results, "1 | bf16 | nchw | energy_dtype: float32 vs input |")
+    assert len(pairs) == 1 and all(float(cell.split()[0]) > 0 for cell in pairs[0][4:])
     bad = subprocess.run(["bash", script, str(tmp_path / "bad"), "everything"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "PART must be all, op or throughput" in bad.stderr
+    assert bad.returncode == 2 and "PART must be all, op, ab or throughput" in bad.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_ab_part_writes_the_training_step_pairs(repo_root, tmp_path):
+    """benchmarks/gpu_check.sh OUT ab with QUICK=1 on the CPU: the norm pair's and the design choices' tables."""
+    env = dict(os.environ, QUICK="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(repo_root / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "ab"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "== GPU tests" not in done.stdout and "== throughput" not in done.stdout
+    rows = _table_rows((tmp_path / "out" / "results.md").read_text(), "1 |")
+    assert [(row[1], row[3]) for row in rows[:4]] == [("bn", "channels_last"), ("bn", "NCHW"),
+                                                      ("inplace_abn", "channels_last"), ("inplace_abn", "NCHW")]
+    assert [row[-1] for row in rows[4:]] == ["default", "column_gemm=per_image", "softmax_loads=scalar",
+                                             "energy_dtype=input"]
+    assert all(float(row[8].removesuffix(" ms")) > 0 for row in rows[:2] + rows[4:])
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from benchmarks.plain_attention import plain_criss_cross_attention
-from cc_attention import CrissCrossAttention, backends, ca_map, ca_weight, criss_cross_attention, library
-from cc_attention.reference import ca_map_reference, ca_weight_reference
+from cc_attention import CrissCrossAttention, backends, ca_map, ca_weight, criss_cross_attention, library, self_check
+from cc_attention.reference import ca_map_reference, ca_weight_reference, criss_cross_attention_reference
 from networks import build_model
 
 HAS_GPU = torch.cuda.is_available()
@@ -145,6 +146,86 @@ def test_cuda_at_real_sizes(shape, dtype, tolerance):
             assert _relative_error(a, e) <= tolerance, f"output {index} {memory_format}: {_relative_error(a, e):.2e}"
 
 
+# --- infinite and large energies ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_one_minus_inf_energy_gets_weight_zero_like_torch_softmax(device, backend):
+    """The pixel (2, 3) has one energy of -inf (-1e30 * 1e30 overflows float32) among finite ones: its attention is
+    finite, with weight 0 on that key, as torch.softmax gives."""
+    if backend != "reference":
+        _require_kernels(device)
+    generator = torch.Generator().manual_seed(3)
+    query, key = torch.randn(2, 1, 2, 5, 6, generator=generator)
+    value = torch.randn(1, 4, 5, 6, generator=generator)
+    query[0, 0, 2, 3] = -1e30
+    key[0, 0] = 0
+    key[0, 0, 2, 5] = 1e30  # a row key of (2, 3)
+    energy = ca_weight_reference(query, key)
+    assert torch.isneginf(energy[0, :, 2, 3]).sum() == 1 and torch.isfinite(energy[0, :, 2, 3]).sum() == 5 + 6 - 2
+    query, key, value = (t.to(device) for t in (query, key, value))
+    out = criss_cross_attention(query, key, value, backend)
+    assert torch.isfinite(out).all()
+    expected = ca_map_reference(torch.softmax(energy.double(), dim=1), value.cpu().double())
+    torch.testing.assert_close(out[0, :, 2, 3].cpu().double(), expected[0, :, 2, 3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_energies_beyond_the_float16_range_stay_finite(device, backend, dtype):
+    """Every energy is 256 * 256 = 65536 (one channel; beyond 65504, the largest float16) plus a few units (the
+    other channels): the energies and the softmax run in float32, so the output and the gradients are finite and
+    agree with float64 (the query's and key's gradients in channel 0, 256 times the rounding of 16-bit energy
+    gradients whose exact sum is 0, are left out of the comparison)."""
+    if backend != "reference":
+        _require_kernels(device)
+    generator = torch.Generator().manual_seed(4)
+    base = [torch.randn(2, 4, 5, 6, generator=generator), torch.randn(2, 4, 5, 6, generator=generator),
+            torch.randn(2, 3, 5, 6, generator=generator)]
+    base[0][:, 0] = base[1][:, 0] = 256
+    assert ca_weight_reference(base[0], base[1]).min() > 65504
+    expected = _fused("reference", *[t.to(device, dtype).double().requires_grad_() for t in base])
+    actual = _fused(backend, *[t.to(device, dtype).requires_grad_() for t in base])
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == dtype and torch.isfinite(a).all(), f"output {index}"
+        if index in (1, 2):
+            a, e = a[:, 1:], e[:, 1:]
+        assert _relative_error(a, e) <= 2e-2, f"output {index}: {_relative_error(a, e):.2e}"
+
+
+@pytest.fixture
+def restore_design_choices():
+    """The kernels' design choices as they were before the test."""
+    _require_kernels("cpu")
+    saved = {name: library.design_choice(name) for name in library.DESIGN_CHOICES}
+    yield
+    for name, value in saved.items():
+        library.set_design_choice(name, value)
+
+
+def test_design_choice_energy_dtype_input_keeps_float16_energies(restore_design_choices):
+    """The switch's other side: float16 energies overflow (what the float32 default avoids)."""
+    query = key = torch.full((1, 4, 3, 3), 130.0, dtype=torch.float16)
+    value = torch.randn(1, 2, 3, 3).half()
+    library.set_design_choice("energy_dtype", "input")
+    assert library.design_choice("energy_dtype") == "input"
+    assert torch.isnan(criss_cross_attention(query, key, value, "cpu")).all()
+    library.set_design_choice("energy_dtype", "float32")
+    assert torch.isfinite(criss_cross_attention(query, key, value, "cpu")).all()
+
+
+def test_design_choices_are_checked(restore_design_choices, monkeypatch):
+    with pytest.raises(ValueError, match="design choice column_gemm is 'fast'; expected one of batched, per_image"):
+        library.set_design_choice("column_gemm", "fast")
+    with pytest.raises(ValueError, match="unknown design choice 'tiles'"):
+        library.design_choice("tiles")
+    monkeypatch.setenv("CCNET_CC_SOFTMAX_LOADS", "wide")
+    with pytest.raises(ValueError, match="environment variable CCNET_CC_SOFTMAX_LOADS is 'wide'; expected one of "
+                                         "vector, scalar"):
+        library._design_choices_from_environment()
+    monkeypatch.setenv("CCNET_CC_SOFTMAX_LOADS", "scalar")
+    assert library._design_choices_from_environment() == {"softmax_loads": "scalar"}
+
+
 # --- the module -------------------------------------------------------------------------------------------------
 
 def _dense_criss_cross_attention(module, x):
@@ -188,6 +269,31 @@ def test_module_keeps_the_original_parameter_names():
     assert names == expected | {"gamma"}
     module = CrissCrossAttention(64)
     assert module.query_conv.weight.shape == (8, 64, 1, 1) and module.value_conv.weight.shape == (64, 64, 1, 1)
+
+
+def test_module_needs_at_least_one_query_channel():
+    with pytest.raises(ValueError, match=r"CrissCrossAttention\(4\): in_dim must be >= 8 .* or pass query_channels"):
+        CrissCrossAttention(4)
+    with pytest.raises(ValueError, match=r"query_channels must be >= 1, got 0"):
+        CrissCrossAttention(16, query_channels=0)
+    module = CrissCrossAttention(4, query_channels=2)
+    assert module.query_conv.out_channels == module.key_conv.out_channels == 2
+    assert module(torch.randn(1, 4, 3, 5)).shape == (1, 4, 3, 5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_module_output_keeps_the_autocast_dtype(backend):
+    """Under CPU bfloat16 autocast a block fed by a convolution returns bfloat16 (gamma, a float32 parameter, does
+    not promote the residual sum to float32)."""
+    torch.manual_seed(0)
+    conv, module = torch.nn.Conv2d(3, 16, 1), CrissCrossAttention(16, backend=backend)
+    torch.nn.init.constant_(module.gamma, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = conv(torch.randn(1, 3, 5, 6))
+        out = module(features)
+    assert features.dtype == out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert module.gamma.grad is not None and module.gamma.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -238,7 +344,9 @@ def no_compile_caches():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", FORMATS)
-def test_compile_fullgraph_of_the_module_matches_eager(layout, no_compile_caches):
+def test_compile_fullgraph_of_the_module_matches_eager(layout, no_compile_caches, fresh_decisions):
+    """Also the first use inside dynamo's tracing: the self-check runs there (on real tensors) without a graph
+    break."""
     _require_kernels("cpu")
     torch.manual_seed(0)
     module = CrissCrossAttention(16)
@@ -250,6 +358,7 @@ def test_compile_fullgraph_of_the_module_matches_eager(layout, no_compile_caches
     out = compiled(x_compiled)
     expected = module(x_eager)
     torch.testing.assert_close(out, expected)
+    assert backends._self_check_errors == {("cpu", torch.float32): None}
     out.square().sum().backward()
     expected.square().sum().backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
@@ -314,10 +423,12 @@ def test_bad_input_raises_value_error(call, message):
 
 @pytest.fixture
 def fresh_decisions(monkeypatch):
-    """Backend decisions and warnings start afresh (and are restored afterwards)."""
+    """Backend decisions, self-checks and warnings start afresh (and are restored afterwards)."""
     monkeypatch.setattr(backends, "_decisions", {})
     monkeypatch.setattr(backends, "_warned_devices", set())
+    monkeypatch.setattr(backends, "_self_check_errors", {})
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.delenv(self_check.ENV_VAR, raising=False)
 
 
 def test_environment_variable_selects_the_backend(fresh_decisions, monkeypatch):
@@ -369,6 +480,71 @@ def test_auto_warns_once_and_falls_back_to_the_reference(fresh_decisions, monkey
     expected = ca_map_reference(torch.softmax(ca_weight_reference(query, key), dim=1), value)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(again, expected)
+
+
+def _wrong_kernel(query, key, value):
+    """A deliberately wrong fused op: the attention of every pixel over its keys, with query and key swapped."""
+    return criss_cross_attention_reference(key, query, value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_self_check_passes_and_takes_milliseconds(fresh_decisions, device):
+    _require_kernels(device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        self_check.kernel_error(device, dtype)  # warm-up: the first call of each path allocates
+        start = time.perf_counter()
+        assert self_check.kernel_error(device, dtype) is None
+        assert time.perf_counter() - start < 0.5  # a few ms on a quiet 2-core machine; headroom for a loaded one
+
+
+def test_a_kernel_that_fails_its_self_check_is_not_used(fresh_decisions, monkeypatch):
+    """auto: one warning naming the error, then the reference; explicit "cpu": a one-line error; the check runs
+    once per (device, dtype)."""
+    _require_kernels("cpu")
+    calls, real_kernels = [], self_check._kernels
+    monkeypatch.setattr(self_check, "_kernels", lambda *tensors: calls.append(None) or _wrong_kernel(*tensors))
+    query, key, value = _inputs((1, 3, 4, 5), torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"no cpu kernels \(their self-check in float32 failed: output differs "
+                                            r"from the reference by .* on a NCHW"):
+        out = criss_cross_attention(query, key, value)
+    torch.testing.assert_close(out, criss_cross_attention_reference(query, key, value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        criss_cross_attention(query, key, value, "auto")
+    with pytest.raises(backends.BackendUnavailableError, match=r"^backend 'cpu' failed its self-check in float32: "
+                                                               r"output differs"):
+        criss_cross_attention(query, key, value, "cpu")
+    assert len(calls) == 1
+    monkeypatch.setattr(self_check, "_kernels", real_kernels)
+    assert backends.uses_kernels("cpu", "cpu", torch.float64)  # another dtype: its own check, which passes
+
+
+def test_a_kernel_that_raises_in_its_self_check_is_not_used(fresh_decisions, monkeypatch):
+    _require_kernels("cpu")
+
+    def crash(*tensors):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    monkeypatch.setattr(self_check, "_kernels", crash)
+    with pytest.raises(backends.BackendUnavailableError, match=r"self-check in float32: RuntimeError: CUDA error: an "
+                                                               r"illegal memory access was encountered$"):
+        backends.uses_kernels("cpu", "cpu", torch.float32)
+
+
+def test_selfcheck_0_skips_the_self_check(fresh_decisions, monkeypatch):
+    _require_kernels("cpu")
+    monkeypatch.setattr(self_check, "_kernels", lambda *tensors: pytest.fail("the self-check ran"))
+    monkeypatch.setenv(self_check.ENV_VAR, "0")
+    assert backends.uses_kernels(None, "cpu", torch.float32) is True
+
+
+def test_self_check_runs_on_real_tensors_while_export_traces(fresh_decisions):
+    """The first use inside torch.export's tracing (fake tensors): the check still computes, on real tensors."""
+    _require_kernels("cpu")
+    module = CrissCrossAttention(16)
+    exported = torch.export.export(module, (torch.randn(1, 16, 4, 5),))
+    assert backends._self_check_errors == {("cpu", torch.float32): None}
+    assert any("ccnet.criss_cross_attention" in str(node.target) for node in exported.graph.nodes)
 
 
 def test_library_name_records_the_cpu_the_checkout_and_the_variant(monkeypatch, tmp_path):

@@ -29,9 +29,12 @@ struct DeviceKernels {
   void (*gather)(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& v, at::Tensor& out);
   // The transpose of gather: out[n, c, p] = sum over the pixels q that have p as a key of attention(q -> p) g[n, c, q].
   void (*scatter)(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& g, at::Tensor& out);
-  // In place: energies -> attention, a softmax over each pixel's W row keys and H - 1 column keys together (computed
-  // in float32 for 16-bit types); the diagonal of columns becomes 0.
-  void (*softmax_)(at::Tensor& rows, at::Tensor& columns);
+  // Energies -> attention: rows / columns = a softmax over each pixel's W row keys and H - 1 column keys of
+  // energy_rows / energy_columns together (float32 arithmetic for 16-bit types); the diagonal of columns becomes 0.
+  // The energies are the attention blocks themselves (in place) or float32 blocks of the same shape for 16-bit
+  // attention (then they may be overwritten). An energy of -inf gets the weight 0, like torch.softmax.
+  void (*softmax)(const at::Tensor& energy_rows, const at::Tensor& energy_columns, at::Tensor& rows,
+                  at::Tensor& columns);
   // In place: grad of the attention -> grad of the energies, attention * (grad - sum_keys(attention * grad)).
   void (*softmax_backward_)(at::Tensor& grad_rows, at::Tensor& grad_columns, const at::Tensor& rows,
                             const at::Tensor& columns);
@@ -39,18 +42,42 @@ struct DeviceKernels {
   bool needs_unit_channel_stride;
 };
 
+// Design choices that only a GPU can measure, each with a switch (set from Python: cc_attention/library.py reads
+// CCNET_CC_ENERGY_DTYPE, CCNET_CC_COLUMN_GEMM, CCNET_CC_SOFTMAX_LOADS once, through the ccnet::set_design_choice
+// operator). Set them before running the op, not while it runs.
+struct DesignChoices {
+  // 16-bit features: energies (the softmax's input) in float32 blocks ("float32"), or in the attention's own 16-bit
+  // blocks ("input": no extra buffer, but |q.k| > 65504 overflows in float16). Every device.
+  bool energies_in_float32 = true;
+  // CUDA: the column products as one pointer-array batched GEMM over every (n, x) ("batched"), or one
+  // strided-batched GEMM per image ("per_image").
+  bool batched_column_gemm = true;
+  // CUDA: the softmax reads and writes 16-byte vectors of its blocks ("vector") or single elements ("scalar").
+  bool vectorized_softmax = true;
+};
+
+const DesignChoices& design_choices();
+
 // Makes `kernels` the ones used for tensors on `device` and registers the ccnet ops' kernels for its dispatch key
 // (called from each device file's TORCH_LIBRARY_IMPL block).
 void register_device(torch::Library& library, c10::DeviceType device, const DeviceKernels& kernels);
 
 // The products through ATen's batched matrix multiply on strided views of the features and blocks (no copies where
 // cuBLAS / the CPU BLAS take the strides): the CUDA kernels, and the CPU kernels for 16-bit types.
-void affinity_by_matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at::Tensor& columns);
-void gather_by_matmul(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& v, at::Tensor& out);
-void scatter_by_matmul(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& g, at::Tensor& out);
+// `column_matmul`, where given: a device's single call for a column part's batch over (n, x) (4-D tensors
+// out[n, x] = a[n, x] @ b[n, x], or += with `accumulate`), used when design_choices().batched_column_gemm.
+// The energies (`rows`, `columns` of affinity) may be float32 for 16-bit features (CUDA only).
+using ColumnMatmul = void (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+void affinity_by_matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at::Tensor& columns,
+                        ColumnMatmul column_matmul = nullptr);
+void gather_by_matmul(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& v, at::Tensor& out,
+                      ColumnMatmul column_matmul = nullptr);
+void scatter_by_matmul(const at::Tensor& rows, const at::Tensor& columns, const at::Tensor& g, at::Tensor& out,
+                       ColumnMatmul column_matmul = nullptr);
 
-// The joint softmax and its backward as ATen tensor operations (the CPU kernels).
-void softmax_by_tensor_ops_(at::Tensor& rows, at::Tensor& columns);
+// The joint softmax and its backward as ATen tensor operations (the CPU kernels for other types than float32).
+void softmax_by_tensor_ops(const at::Tensor& energy_rows, const at::Tensor& energy_columns, at::Tensor& rows,
+                           at::Tensor& columns);
 void softmax_backward_by_tensor_ops_(at::Tensor& grad_rows, at::Tensor& grad_columns, const at::Tensor& rows,
                                      const at::Tensor& columns);
 

@@ -9,6 +9,8 @@
 #include "cc_attention.h"
 
 #include <array>
+#include <optional>
+#include <string>
 #include <limits>
 #include <tuple>
 
@@ -28,6 +30,30 @@ int device_slot(c10::DeviceType device) {
   return device == c10::DeviceType::CPU ? 0 : device == c10::DeviceType::CUDA ? 1 : -1;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The design choices (cc_attention.h), set from Python (library.py reads the environment once).
+
+DesignChoices choices;
+
+void set_design_choice(const std::string& name, const std::string& value) {
+  if (name == "energy_dtype" && (value == "float32" || value == "input")) {
+    choices.energies_in_float32 = value == "float32";
+  } else if (name == "column_gemm" && (value == "batched" || value == "per_image")) {
+    choices.batched_column_gemm = value == "batched";
+  } else if (name == "softmax_loads" && (value == "vector" || value == "scalar")) {
+    choices.vectorized_softmax = value == "vector";
+  } else {
+    TORCH_CHECK(false, "ccnet: unknown design choice ", name, "=", value);
+  }
+}
+
+std::string design_choice(const std::string& name) {
+  if (name == "energy_dtype") return choices.energies_in_float32 ? "float32" : "input";
+  if (name == "column_gemm") return choices.batched_column_gemm ? "batched" : "per_image";
+  if (name == "softmax_loads") return choices.vectorized_softmax ? "vector" : "scalar";
+  TORCH_CHECK(false, "ccnet: unknown design choice ", name);
+}
+
 const DeviceKernels& kernels_for(const Tensor& t) {
   const int slot = device_slot(t.device().type());
   TORCH_CHECK(slot >= 0 && registered_kernels[slot] != nullptr, "ccnet: no criss-cross attention kernels for ",
@@ -44,15 +70,15 @@ constexpr int64_t kBlockAlignment = 8;
 
 int64_t padded(int64_t keys) { return (keys + kBlockAlignment - 1) / kBlockAlignment * kBlockAlignment; }
 
-// (N, H, W, padded W) and (N, W, H, padded H) for features (N, C, H, W).
-Tensor empty_rows_buffer(const Tensor& features) {
+// (N, H, W, padded W) and (N, W, H, padded H) for features (N, C, H, W), of the features' dtype or `dtype`.
+Tensor empty_rows_buffer(const Tensor& features, std::optional<at::ScalarType> dtype = std::nullopt) {
   return at::empty({features.size(0), features.size(2), features.size(3), padded(features.size(3))},
-                   features.options());
+                   features.options().dtype(dtype.value_or(features.scalar_type())));
 }
 
-Tensor empty_columns_buffer(const Tensor& features) {
+Tensor empty_columns_buffer(const Tensor& features, std::optional<at::ScalarType> dtype = std::nullopt) {
   return at::empty({features.size(0), features.size(3), features.size(2), padded(features.size(2))},
-                   features.options());
+                   features.options().dtype(dtype.value_or(features.scalar_type())));
 }
 
 // The block in a buffer: its first `keys` entries of the last dimension.
@@ -172,13 +198,22 @@ TensorPair public_to_blocks(const Tensor& attention) {
 // ---------------------------------------------------------------------------------------------------------------
 // The operators' device kernels: the same code for every device, on its DeviceKernels.
 
+bool is_16_bit(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
 TensorTriple attention_forward(const Tensor& query, const Tensor& key, const Tensor& value) {
   check_attention_inputs(query, key, value);
   const DeviceKernels& kernels = kernels_for(value);
   const Tensor rows_buffer = empty_rows_buffer(value), columns_buffer = empty_columns_buffer(value);
   Tensor rows = block_of(rows_buffer, value.size(3)), columns = block_of(columns_buffer, value.size(2));
-  kernels.affinity(operand(kernels, query), operand(kernels, key), rows, columns);
-  kernels.softmax_(rows, columns);
+  // The energies: in the attention's buffers, or (16-bit features) in float32 ones, where |q.k| > 65504 stays
+  // finite in float16 and bfloat16's 8-bit mantissa does not round the softmax's input.
+  Tensor energy_rows = rows, energy_columns = columns;
+  if (is_16_bit(value) && choices.energies_in_float32) {
+    energy_rows = block_of(empty_rows_buffer(value, at::kFloat), value.size(3));
+    energy_columns = block_of(empty_columns_buffer(value, at::kFloat), value.size(2));
+  }
+  kernels.affinity(operand(kernels, query), operand(kernels, key), energy_rows, energy_columns);
+  kernels.softmax(energy_rows, energy_columns, rows, columns);
   Tensor out = empty_features(value);
   const Tensor v = operand(kernels, value);
   write_features(kernels, out, [&](Tensor& target) { kernels.gather(rows, columns, v, target); });
@@ -337,6 +372,7 @@ Tensor ca_map_autograd(const Tensor& attention, const Tensor& value) { return Ca
 // ---------------------------------------------------------------------------------------------------------------
 // The products through ATen's batched matrix multiply.
 
+
 // Features (N, C, H, W) as matrices [x][c] per image row (N, H, W, C), or [y][c] per image column (N, W, H, C).
 Tensor by_rows(const Tensor& t) { return t.permute({0, 2, 3, 1}); }
 Tensor by_columns(const Tensor& t) { return t.permute({0, 3, 2, 1}); }
@@ -348,9 +384,12 @@ bool batch_dims_merge(const Tensor& t) {
 
 Tensor merged_batch_dims(const Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2), t.size(3)}); }
 
+// out = a @ b (or +=) for 3-D tensors; `out` may be float32 for 16-bit a and b (CUDA: cuBLAS writes float32).
 void matmul_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
   if (accumulate) {
     out.baddbmm_(a, b);
+  } else if (out.scalar_type() != a.scalar_type()) {
+    at::bmm_out(out, a, b, out.scalar_type());
   } else {
     at::bmm_out(out, a, b);
   }
@@ -368,43 +407,55 @@ void batched_matmul(const Tensor& out, const Tensor& a, const Tensor& b, bool ac
   for (int64_t i = 0; i < out.size(0); ++i) matmul_into(out[i], a[i], b[i], accumulate);
 }
 
+// The column part's products: `column_matmul` (a device's single call over every (n, x), e.g. a pointer-array
+// batched GEMM) when given and the design choice asks for it, else batched_matmul (one call per image where the
+// batch dimensions do not merge).
+void column_matmul_into(ColumnMatmul column_matmul, const Tensor& out, const Tensor& a, const Tensor& b,
+                        bool accumulate) {
+  if (column_matmul != nullptr && choices.batched_column_gemm && out.numel() > 0) {
+    column_matmul(out, a, b, accumulate);
+  } else {
+    batched_matmul(out, a, b, accumulate);
+  }
+}
+
 }  // namespace
 
-void affinity_by_matmul(const Tensor& a, const Tensor& b, Tensor& rows, Tensor& columns) {
+const DesignChoices& design_choices() { return choices; }
+
+void affinity_by_matmul(const Tensor& a, const Tensor& b, Tensor& rows, Tensor& columns, ColumnMatmul column_matmul) {
   batched_matmul(rows, by_rows(a), by_rows(b).transpose(2, 3), false);
-  batched_matmul(columns, by_columns(a), by_columns(b).transpose(2, 3), false);
+  column_matmul_into(column_matmul, columns, by_columns(a), by_columns(b).transpose(2, 3), false);
 }
 
-void gather_by_matmul(const Tensor& rows, const Tensor& columns, const Tensor& v, Tensor& out) {
+void gather_by_matmul(const Tensor& rows, const Tensor& columns, const Tensor& v, Tensor& out,
+                      ColumnMatmul column_matmul) {
   batched_matmul(by_rows(out), rows, by_rows(v), false);
-  batched_matmul(by_columns(out), columns, by_columns(v), true);
+  column_matmul_into(column_matmul, by_columns(out), columns, by_columns(v), true);
 }
 
-void scatter_by_matmul(const Tensor& rows, const Tensor& columns, const Tensor& g, Tensor& out) {
+void scatter_by_matmul(const Tensor& rows, const Tensor& columns, const Tensor& g, Tensor& out,
+                       ColumnMatmul column_matmul) {
   batched_matmul(by_rows(out), rows.transpose(2, 3), by_rows(g), false);
-  batched_matmul(by_columns(out), columns.transpose(2, 3), by_columns(g), true);
+  column_matmul_into(column_matmul, by_columns(out), columns.transpose(2, 3), by_columns(g), true);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // The joint softmax with ATen tensor operations. The maximum and the sum of a pixel (y, x) combine its row block
 // [y, x, :] and its column block [x, y, :]: reductions over the last dimension, one of them transposed to (y, x).
+// An energy of -inf gets the weight 0 (exp(-inf - maximum)), like torch.softmax; all of a pixel's energies -inf
+// give NaN, like torch.softmax.
 
-namespace {
-
-bool is_16_bit(const Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
-}  // namespace
-
-void softmax_by_tensor_ops_(Tensor& rows, Tensor& columns) {
-  if (is_16_bit(rows)) {
-    Tensor rows32 = rows.to(at::kFloat), columns32 = columns.to(at::kFloat);
-    softmax_by_tensor_ops_(rows32, columns32);
+void softmax_by_tensor_ops(const Tensor& energy_rows, const Tensor& energy_columns, Tensor& rows, Tensor& columns) {
+  if (is_16_bit(energy_rows) || energy_rows.scalar_type() != rows.scalar_type()) {  // in float32, then cast
+    Tensor rows32 = energy_rows.to(at::kFloat), columns32 = energy_columns.to(at::kFloat);
+    softmax_by_tensor_ops(rows32, columns32, rows32, columns32);
     rows.copy_(rows32);
     columns.copy_(columns32);
     return;
   }
+  if (!rows.is_same(energy_rows)) rows.copy_(energy_rows);
+  if (!columns.is_same(energy_columns)) columns.copy_(energy_columns);
   columns.diagonal(0, 2, 3).fill_(-std::numeric_limits<double>::infinity());
   const Tensor maximum = at::maximum(rows.amax(3), columns.amax(3).transpose(1, 2));  // (N, H, W)
   rows.sub_(maximum.unsqueeze(3)).exp_();
@@ -433,7 +484,9 @@ void softmax_backward_by_tensor_ops_(Tensor& grad_rows, Tensor& grad_columns, co
 // Registration.
 
 void register_device(torch::Library& library, c10::DeviceType device, const DeviceKernels& kernels) {
-  registered_kernels[device_slot(device)] = &kernels;
+  const int slot = device_slot(device);
+  TORCH_CHECK(slot >= 0, "ccnet: register_device has no slot for ", device, " kernels (only CPU and CUDA)");
+  registered_kernels[slot] = &kernels;
   library.impl("criss_cross_attention", &attention_output);
   library.impl("criss_cross_attention_forward", &attention_forward);
   library.impl("criss_cross_attention_backward", &attention_backward);
@@ -454,6 +507,9 @@ TORCH_LIBRARY(ccnet, m) {
   m.def("ca_weight_backward(Tensor grad_energy, Tensor query, Tensor key) -> (Tensor, Tensor)");
   m.def("ca_map(Tensor attention, Tensor value) -> Tensor");
   m.def("ca_map_backward(Tensor grad_out, Tensor attention, Tensor value) -> (Tensor, Tensor)");
+  // The design choices (cc_attention.h): set by cc_attention.library from the environment; no tensors.
+  m.def("set_design_choice(str name, str value) -> ()", &ccnet::set_design_choice);
+  m.def("design_choice(str name) -> str", &ccnet::design_choice);
 }
 
 TORCH_LIBRARY_IMPL(ccnet, Autograd, m) {

@@ -1,11 +1,14 @@
-// Criss-cross attention on the CPU: the products of cc_attention.h for float32 / float64 features of any strides
-// (NCHW, NHWC, channel slices), with the attention in blocks (rows (N, H, W, W), columns (N, W, H, H)).
+// Criss-cross attention on the CPU: the products of cc_attention.h for float32 / float64 features, with the attention
+// in blocks (rows (N, H, W, W), columns (N, W, H, H)). The micro-kernel takes features with a unit channel stride
+// (NHWC, channel slices of NHWC); NCHW features are copied to channels-last one image at a time (their column
+// matrices have no unit stride: packing them element by element for every product cost more than the products).
 //
 // Every product is a row part (a batch of small GEMMs, one per image row y) plus a column part (one per image column
 // x); the blocks are read and written as those GEMMs' operands directly. Each GEMM packs its panels into contiguous
 // buffers; the micro-kernel keeps a block of accumulators in vector registers (GCC/Clang vector extension) and
-// streams them. float16 / bfloat16 features (CPU autocast) go through ATen's batched matrix multiply instead, and
-// the softmax runs as ATen tensor operations for every dtype (ops.cpp).
+// streams them. float16 / bfloat16 features (CPU autocast) go through ATen's batched matrix multiply instead (their
+// energies through the micro-kernel in float32, from float32 copies of the query and key), and the softmax runs as
+// ATen tensor operations for every dtype (ops.cpp).
 #include "../cc_attention.h"
 
 #include <ATen/Parallel.h>
@@ -64,6 +67,53 @@ void copy_2d(const T* src, int64_t s_row, int64_t s_col, T* dst, int64_t d_row, 
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = c0; c < c1; ++c) dst[r * d_row + c * d_col] = src[r * s_row + c * s_col];
     }
+}
+
+// The 8 x 8 block of float32 at src (rows s_row apart) transposed into dst (rows d_row apart) in vector registers:
+// three rounds of two-vector shuffles (interleave elements, then pairs, then halves).
+inline void transpose_block(const float* src, int64_t s_row, float* dst, int64_t d_row) {
+  typedef int Mask __attribute__((vector_size(kVectorBytes)));
+  static_assert(kLanes<float> == 8, "8 floats per vector");
+  Vector<float> r[8], a[8], b[8];
+  for (int i = 0; i < 8; ++i) r[i] = load(src + i * s_row);
+  for (int i = 0; i < 8; i += 2) {  // a[i] = rows i, i+1 interleaved, columns 0-3; a[i+1]: columns 4-7
+    a[i] = __builtin_shuffle(r[i], r[i + 1], Mask{0, 8, 1, 9, 2, 10, 3, 11});
+    a[i + 1] = __builtin_shuffle(r[i], r[i + 1], Mask{4, 12, 5, 13, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)  // b: four rows of two columns each
+    for (int half = 0; half < 2; ++half) {
+      b[i + 2 * half] = __builtin_shuffle(a[i + half], a[i + half + 2], Mask{0, 1, 8, 9, 2, 3, 10, 11});
+      b[i + 2 * half + 1] = __builtin_shuffle(a[i + half], a[i + half + 2], Mask{4, 5, 12, 13, 6, 7, 14, 15});
+    }
+  for (int j = 0; j < 4; ++j) {  // columns 2j, 2j+1: rows 0-3 from b[j], rows 4-7 from b[j + 4]
+    store(dst + 2 * j * d_row, __builtin_shuffle(b[j], b[j + 4], Mask{0, 1, 2, 3, 8, 9, 10, 11}));
+    store(dst + (2 * j + 1) * d_row, __builtin_shuffle(b[j], b[j + 4], Mask{4, 5, 6, 7, 12, 13, 14, 15}));
+  }
+}
+
+// dst[c * d_row + r] = src[r * s_row + c] for r < rows, c < cols: a transpose between two row-major matrices, in
+// 8 x 8 blocks read and written as runs of 8 contiguous elements (float32: shuffled in vector registers).
+template <typename T>
+void transpose(const T* src, int64_t s_row, T* dst, int64_t d_row, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 8;
+  const int64_t whole_rows = rows / kBlock * kBlock, whole_cols = cols / kBlock * kBlock;
+  for (int64_t r0 = 0; r0 < whole_rows; r0 += kBlock) {
+    for (int64_t c0 = 0; c0 < whole_cols; c0 += kBlock) {
+      if constexpr (std::is_same_v<T, float>) {
+        transpose_block(src + r0 * s_row + c0, s_row, dst + c0 * d_row + r0, d_row);
+        continue;
+      }
+      T block[kBlock][kBlock];
+      for (int64_t i = 0; i < kBlock; ++i)
+        for (int64_t j = 0; j < kBlock; ++j) block[j][i] = src[(r0 + i) * s_row + c0 + j];
+      for (int64_t j = 0; j < kBlock; ++j)
+        for (int64_t i = 0; i < kBlock; ++i) dst[(c0 + j) * d_row + r0 + i] = block[j][i];
+    }
+    for (int64_t r = r0; r < r0 + kBlock; ++r)
+      for (int64_t c = whole_cols; c < cols; ++c) dst[c * d_row + r] = src[r * s_row + c];
+  }
+  for (int64_t r = whole_rows; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * d_row + r] = src[r * s_row + c];
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -178,12 +228,6 @@ Plane<T> plane(const at::Tensor& t, int64_t n) {
   return {t.data_ptr<std::remove_const_t<T>>() + n * t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// Channels per pass of a column part when channels are far apart in memory (NCHW): within a pass, neighbouring
-// columns x reuse the cache lines of the rows they read. Channel-contiguous features take all channels at once.
-constexpr int64_t kChannelsPerPass = 32;
-
-int64_t channels_per_pass(int64_t c_stride, int64_t C) { return c_stride == 1 ? std::max<int64_t>(C, 1) : kChannelsPerPass; }
-
 // The attention blocks of one image: rows[y][x][x'] at rows + y * row_y + x * row_x + x', columns[x][y][y'] at
 // columns + x * column_x + y * column_y + y' (the last dimension is contiguous; rows may be padded).
 template <typename T>
@@ -210,12 +254,9 @@ void affinity_plane(Plane<const T> a, Plane<const T> b, Blocks<T> out, int64_t C
   // Per y: (W x C) x (C x W).
   gemm<T>(a.data, {a.y_stride, a.x_stride, a.c_stride}, b.data, {b.y_stride, b.c_stride, b.x_stride}, out.rows,
           {out.row_y, out.row_x, 1}, H, W, C, W, false);
-  // Per x: (H x C) x (C x H), in passes over the channels.
-  const int64_t pass = channels_per_pass(a.c_stride, C);
-  for (int64_t c0 = 0; c0 == 0 || c0 < C; c0 += pass)
-    gemm<T>(a.data + c0 * a.c_stride, {a.x_stride, a.y_stride, a.c_stride}, b.data + c0 * b.c_stride,
-            {b.x_stride, b.c_stride, b.y_stride}, out.columns, {out.column_x, out.column_y, 1}, W, H,
-            std::min(pass, C - c0), H, c0 > 0);
+  // Per x: (H x C) x (C x H).
+  gemm<T>(a.data, {a.x_stride, a.y_stride, a.c_stride}, b.data, {b.x_stride, b.c_stride, b.y_stride}, out.columns,
+          {out.column_x, out.column_y, 1}, W, H, C, H, false);
 }
 
 // out[c, y, x] = sum_x' rows[y][x][x'] v[c, y, x'] + sum_y' columns[x][y][y'] v[c, y', x].
@@ -224,12 +265,9 @@ void gather_plane(Blocks<const T> attention, Plane<const T> v, Plane<T> out, int
   // Per y: (C x W') x (W' x W), the row block read transposed.
   gemm<T>(v.data, {v.y_stride, v.c_stride, v.x_stride}, attention.rows, {attention.row_y, 1, attention.row_x},
           out.data, {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
-  // Per x: (C x H') x (H' x H), the column block read transposed, in passes over the channels.
-  const int64_t pass = channels_per_pass(v.c_stride, C);
-  for (int64_t c0 = 0; c0 < C; c0 += pass)
-    gemm<T>(v.data + c0 * v.c_stride, {v.x_stride, v.c_stride, v.y_stride}, attention.columns,
-            {attention.column_x, 1, attention.column_y}, out.data + c0 * out.c_stride,
-            {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H, true);
+  // Per x: (C x H') x (H' x H), the column block read transposed.
+  gemm<T>(v.data, {v.x_stride, v.c_stride, v.y_stride}, attention.columns, {attention.column_x, 1, attention.column_y},
+          out.data, {out.x_stride, out.c_stride, out.y_stride}, W, C, H, H, true);
 }
 
 // out[c, y, x'] = sum_x g[c, y, x] rows[y][x][x'] + (at (y', x)) sum_y g[c, y, x] columns[x][y][y'].
@@ -238,12 +276,131 @@ void scatter_plane(Blocks<const T> attention, Plane<const T> g, Plane<T> out, in
   // Per y: (C x W) x (W x W').
   gemm<T>(g.data, {g.y_stride, g.c_stride, g.x_stride}, attention.rows, {attention.row_y, attention.row_x, 1},
           out.data, {out.y_stride, out.c_stride, out.x_stride}, H, C, W, W, false);
-  // Per x: (C x H) x (H x H'), in passes over the channels.
-  const int64_t pass = channels_per_pass(g.c_stride, C);
-  for (int64_t c0 = 0; c0 < C; c0 += pass)
-    gemm<T>(g.data + c0 * g.c_stride, {g.x_stride, g.c_stride, g.y_stride}, attention.columns,
-            {attention.column_x, attention.column_y, 1}, out.data + c0 * out.c_stride,
-            {out.x_stride, out.c_stride, out.y_stride}, W, std::min(pass, C - c0), H, H, true);
+  // Per x: (C x H) x (H x H').
+  gemm<T>(g.data, {g.x_stride, g.c_stride, g.y_stride}, attention.columns, {attention.column_x, attention.column_y, 1},
+          out.data, {out.x_stride, out.c_stride, out.y_stride}, W, C, H, H, true);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The joint softmax of float32 blocks and its backward, pixel by pixel (ATen's tensor operations take about ten
+// passes over the blocks, each larger than the caches); other dtypes through those tensor operations (ops.cpp).
+
+using FloatVector = Vector<float>;
+typedef int IntVector __attribute__((vector_size(kVectorBytes)));
+
+// exp(x) for x <= 0, 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial of degree 7
+// (relative error below 2e-7), times 2^n put into the exponent bits; x < -87 (e.g. -inf) gives 0, NaN gives NaN.
+inline FloatVector exp_nonpositive(FloatVector x) {
+  const FloatVector round_shift = FloatVector{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const FloatVector n = (x * 1.44269504f + round_shift) - round_shift;
+  const FloatVector r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts
+  FloatVector p = FloatVector{} + 1.0f / 5040;
+  for (float coefficient : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + coefficient;
+  const IntVector exponent = (__builtin_convertvector(n, IntVector) + 127) << 23;
+  FloatVector scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  return x < -87.0f ? FloatVector{} : p * scale;
+}
+
+// out[i] = exp(in[i] - maximum) for i < count (vectors, then single lanes); returns their sum.
+inline float exp_shifted(const float* in, float* out, int64_t count, float maximum) {
+  constexpr int L = kLanes<float>;
+  FloatVector sums{};
+  int64_t i = 0;
+  for (; i + L <= count; i += L) {
+    const FloatVector e = exp_nonpositive(load(in + i) - maximum);
+    store(out + i, e);
+    sums += e;
+  }
+  float sum = 0;
+  for (int lane = 0; lane < L; ++lane) sum += sums[lane];
+  if (i < count) {
+    FloatVector tail = FloatVector{} - __builtin_inff();
+    std::memcpy(&tail, in + i, (count - i) * sizeof(float));
+    const FloatVector e = exp_nonpositive(tail - maximum);
+    for (int64_t lane = 0; lane < count - i; ++lane) {
+      out[i + lane] = e[lane];
+      sum += e[lane];
+    }
+  }
+  return sum;
+}
+
+// In place on float32 blocks: energies -> attention, the softmax over each pixel's W row keys and H - 1 column keys
+// (the diagonal of columns is set to -inf first, so its weight is 0); tasks (n, y) in parallel.
+void softmax_float_(at::Tensor& rows, at::Tensor& columns) {
+  const int64_t N = rows.size(0), H = rows.size(1), W = rows.size(2);
+  float* row_data = rows.data_ptr<float>();
+  float* column_data = columns.data_ptr<float>();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, y = task % H;
+      for (int64_t x = 0; x < W; ++x) {
+        float* row = row_data + n * rows.stride(0) + y * rows.stride(1) + x * rows.stride(2);
+        float* column = column_data + n * columns.stride(0) + x * columns.stride(1) + y * columns.stride(2);
+        column[y] = -__builtin_inff();
+        float maximum = -__builtin_inff();
+        for (int64_t i = 0; i < W; ++i) maximum = std::max(maximum, row[i]);
+        for (int64_t i = 0; i < H; ++i) maximum = std::max(maximum, column[i]);
+        const float inverse = 1.0f / (exp_shifted(row, row, W, maximum) + exp_shifted(column, column, H, maximum));
+        for (int64_t i = 0; i < W; ++i) row[i] *= inverse;
+        for (int64_t i = 0; i < H; ++i) column[i] *= inverse;
+      }
+    }
+  });
+}
+
+void softmax_cpu(const at::Tensor& energy_rows, const at::Tensor& energy_columns, at::Tensor& rows,
+                 at::Tensor& columns) {
+  if (rows.scalar_type() != at::kFloat || !rows.is_same(energy_rows) || !columns.is_same(energy_columns)) {
+    return softmax_by_tensor_ops(energy_rows, energy_columns, rows, columns);
+  }
+  softmax_float_(rows, columns);
+}
+
+// sum_i a[i] * b[i] for i < count.
+inline float dot(const float* a, const float* b, int64_t count) {
+  constexpr int L = kLanes<float>;
+  FloatVector sums{};
+  int64_t i = 0;
+  for (; i + L <= count; i += L) sums += load(a + i) * load(b + i);
+  float sum = 0;
+  for (int lane = 0; lane < L; ++lane) sum += sums[lane];
+  for (; i < count; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// In place on float32 blocks: grad of the attention -> grad of the energies, attention * (grad - sum_keys(attention
+// * grad)), the diagonal of grad_columns 0; tasks (n, y) in parallel.
+void softmax_backward_float_(at::Tensor& grad_rows, at::Tensor& grad_columns, const at::Tensor& rows,
+                             const at::Tensor& columns) {
+  const int64_t N = rows.size(0), H = rows.size(1), W = rows.size(2);
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, y = task % H;
+      for (int64_t x = 0; x < W; ++x) {
+        float* grad_row = grad_rows.data_ptr<float>() + n * grad_rows.stride(0) + y * grad_rows.stride(1) +
+                          x * grad_rows.stride(2);
+        float* grad_column = grad_columns.data_ptr<float>() + n * grad_columns.stride(0) +
+                             x * grad_columns.stride(1) + y * grad_columns.stride(2);
+        const float* row = rows.data_ptr<float>() + n * rows.stride(0) + y * rows.stride(1) + x * rows.stride(2);
+        const float* column = columns.data_ptr<float>() + n * columns.stride(0) + x * columns.stride(1) +
+                              y * columns.stride(2);
+        grad_column[y] = 0;  // not a key (its attention is 0 too): whatever the product left there
+        const float total = dot(grad_row, row, W) + dot(grad_column, column, H);
+        for (int64_t i = 0; i < W; ++i) grad_row[i] = row[i] * (grad_row[i] - total);
+        for (int64_t i = 0; i < H; ++i) grad_column[i] = column[i] * (grad_column[i] - total);
+      }
+    }
+  });
+}
+
+void softmax_backward_cpu_(at::Tensor& grad_rows, at::Tensor& grad_columns, const at::Tensor& rows,
+                           const at::Tensor& columns) {
+  if (rows.scalar_type() != at::kFloat || grad_rows.scalar_type() != at::kFloat) {
+    return softmax_backward_by_tensor_ops_(grad_rows, grad_columns, rows, columns);
+  }
+  softmax_backward_float_(grad_rows, grad_columns, rows, columns);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -253,13 +410,79 @@ bool micro_kernel_takes(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
+// Whether element (n, c, y, x) of `t` lies at n * stride(0) + c * stride(1) + (y * W + x) * stride(3): each image a
+// (C x H*W) matrix (NCHW, NHWC and their channel slices).
+bool pixels_in_one_stride(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3); }
+
+// dst = src for float32 / float64 features in two memory formats: each image's (C x H*W) matrix transposed in
+// 8 x 8 blocks, panels of 64 pixels in parallel (ATen's copy_ of a transposed tensor is several times slower);
+// other cases through copy_.
+void copy_features_cpu(const at::Tensor& src, const at::Tensor& dst) {
+  if (!micro_kernel_takes(src) || src.scalar_type() != dst.scalar_type() || !pixels_in_one_stride(src) ||
+      !pixels_in_one_stride(dst) || src.sizes() != dst.sizes()) {
+    dst.copy_(src);
+    return;
+  }
+  constexpr int64_t kPanel = 64;
+  const int64_t N = src.size(0), C = src.size(1), P = src.size(2) * src.size(3);
+  const int64_t panels = (P + kPanel - 1) / kPanel;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "ccnet_copy_features_cpu", [&] {
+    const scalar_t* from = src.data_ptr<scalar_t>();
+    scalar_t* to = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, N * panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / panels, p0 = task % panels * kPanel, count = std::min(kPanel, P - p0);
+        const scalar_t* panel_from = from + n * src.stride(0) + p0 * src.stride(3);
+        scalar_t* panel_to = to + n * dst.stride(0) + p0 * dst.stride(3);
+        if (src.stride(3) == 1 && dst.stride(1) == 1) {  // NCHW -> NHWC
+          transpose<scalar_t>(panel_from, src.stride(1), panel_to, dst.stride(3), C, count);
+        } else if (src.stride(1) == 1 && dst.stride(3) == 1) {  // NHWC -> NCHW
+          transpose<scalar_t>(panel_from, src.stride(3), panel_to, dst.stride(1), count, C);
+        } else {
+          copy_2d<scalar_t>(panel_from, src.stride(1), src.stride(3), panel_to, dst.stride(1), dst.stride(3), C,
+                            count);
+        }
+      }
+    });
+  });
+}
+
+// Image n of the features `t` as the micro-kernel takes it, (1, C, H, W) with a unit channel stride: t[n] itself,
+// or a channels-last copy of it. One image at a time, so that a copy is the size of one image: glibc reuses such
+// blocks from call to call, while a batch-sized block above its mmap threshold (32 MB) would be mapped and faulted
+// in anew at every call.
+at::Tensor image_for_products(const at::Tensor& t, int64_t n) {
+  const at::Tensor image = t.narrow(0, n, 1);
+  if (image.stride(1) == 1 || image.size(1) == 1) return image;
+  at::Tensor copy = at::empty(image.sizes(), image.options().memory_format(at::MemoryFormat::ChannelsLast));
+  copy_features_cpu(image, copy);
+  return copy;
+}
+
+// Runs product(target) for image n of `out`: into it, or into a channels-last image copied into it afterwards.
+template <typename Product>
+void write_image(const at::Tensor& out, int64_t n, Product product) {
+  at::Tensor image = out.narrow(0, n, 1);
+  if (image.stride(1) == 1 || image.size(1) == 1) {
+    product(image);
+    return;
+  }
+  at::Tensor work = at::empty(image.sizes(), image.options().memory_format(at::MemoryFormat::ChannelsLast));
+  product(work);
+  copy_features_cpu(work, image);
+}
+
 void affinity_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& rows, at::Tensor& columns) {
+  if (rows.scalar_type() == at::kFloat && a.scalar_type() != at::kFloat) {  // float32 energies of 16-bit features
+    return affinity_cpu(a.to(at::kFloat), b.to(at::kFloat), rows, columns);
+  }
   if (!micro_kernel_takes(a)) return affinity_by_matmul(a, b, rows, columns);
   const int64_t C = a.size(1), H = a.size(2), W = a.size(3);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ccnet_affinity_cpu", [&] {
     for (int64_t n = 0; n < a.size(0); ++n)
-      affinity_plane<scalar_t>(plane<const scalar_t>(a, n), plane<const scalar_t>(b, n),
-                               blocks<scalar_t>(rows, columns, n), C, H, W);
+      affinity_plane<scalar_t>(plane<const scalar_t>(image_for_products(a, n), 0),
+                               plane<const scalar_t>(image_for_products(b, n), 0), blocks<scalar_t>(rows, columns, n),
+                               C, H, W);
   });
 }
 
@@ -267,9 +490,13 @@ void gather_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Ten
   if (!micro_kernel_takes(v)) return gather_by_matmul(rows, columns, v, out);
   const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ccnet_gather_cpu", [&] {
-    for (int64_t n = 0; n < v.size(0); ++n)
-      gather_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(v, n),
-                             plane<scalar_t>(out, n), C, H, W);
+    for (int64_t n = 0; n < v.size(0); ++n) {
+      const at::Tensor v_n = image_for_products(v, n);
+      write_image(out, n, [&](const at::Tensor& target) {
+        gather_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(v_n, 0),
+                               plane<scalar_t>(target, 0), C, H, W);
+      });
+    }
   });
 }
 
@@ -277,14 +504,19 @@ void scatter_cpu(const at::Tensor& rows, const at::Tensor& columns, const at::Te
   if (!micro_kernel_takes(g)) return scatter_by_matmul(rows, columns, g, out);
   const int64_t C = g.size(1), H = g.size(2), W = g.size(3);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "ccnet_scatter_cpu", [&] {
-    for (int64_t n = 0; n < g.size(0); ++n)
-      scatter_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(g, n),
-                              plane<scalar_t>(out, n), C, H, W);
+    for (int64_t n = 0; n < g.size(0); ++n) {
+      const at::Tensor g_n = image_for_products(g, n);
+      write_image(out, n, [&](const at::Tensor& target) {
+        scatter_plane<scalar_t>(blocks<const scalar_t>(rows, columns, n), plane<const scalar_t>(g_n, 0),
+                                plane<scalar_t>(target, 0), C, H, W);
+      });
+    }
   });
 }
 
-const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_by_tensor_ops_,
-                                softmax_backward_by_tensor_ops_, /*needs_unit_channel_stride=*/false};
+// The products convert NCHW features to channels-last themselves, image by image (image_for_products).
+const DeviceKernels kCpuKernels{affinity_cpu, gather_cpu, scatter_cpu, softmax_cpu, softmax_backward_cpu_,
+                                /*needs_unit_channel_stride=*/false};
 
 }  // namespace
 }  // namespace ccnet
