@@ -85,9 +85,8 @@ def build_parser() -> ArgumentParser:
                        help="backbone; 'tiny' is a small variant for CPU tests and the demo")
     model.add_argument("--recurrence", type=parse_non_negative_int, default=2, help="R, the number of criss-cross attention loops")
     model.add_argument("--norm", choices=NORM_KINDS, default="auto",
-                       help="normalization: auto = InPlaceABN if the inplace_abn package imports, else BatchNorm; "
-                            "synchronized across GPU processes (on the CPU there is no synchronized kind: auto "
-                            "then gives per-process BatchNorm)")
+                       help="normalization: auto = BatchNorm (SyncBatchNorm across GPU processes; on the CPU "
+                            "per-process BatchNorm); InPlaceABN on request (--norm inplace_abn, inplace_abn_sync)")
     model.add_argument("--restore-from", default="./dataset/resnet101-imagenet.pth",
                        help="the initial weights: a file, an http(s):// or file:// URL, or a name of the weights "
                             "table (resnet101-imagenet: the ImageNet backbone; a released snapshot's name); URLs and "

@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def _prepare_cuda_build(cpp_extension) -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
 
-def _cuda_library_include_paths(cuda_home: Optional[str]) -> List[str]:
+def cuda_library_include_paths(cuda_home: Optional[str]) -> List[str]:
     """Include folders with the CUDA libraries' headers (cuBLAS, cuSPARSE: ``ATen/cuda/CUDAContext.h`` includes them)
     where the toolkit at ``cuda_home`` lacks them: those of the ``nvidia`` wheels that torch installs."""
     if cuda_home is not None and (Path(cuda_home) / "include" / "cublas_v2.h").exists():
@@ -126,11 +127,34 @@ def _cuda_library_include_paths(cuda_home: Optional[str]) -> List[str]:
                   if (folder / "cublas_v2.h").exists() or (folder / "cusparse.h").exists())
 
 
+def prebuilt_library(with_cuda: bool) -> Optional[Path]:
+    """The library that an ahead-of-time build (``CC_ATTENTION_BUILD=1 pip install``, setup.py) put in the package:
+    ``_kernels_cuda.so`` / ``_kernels_cpu.so``, or None."""
+    path = Path(__file__).resolve().parent / f"_kernels_{'cuda' if with_cuda else 'cpu'}.so"
+    return path if path.is_file() else None
+
+
+def _announce_build(cpp_extension, name: str, with_cuda: bool) -> None:
+    """One line on stderr when the library is about to be compiled (not when torch's cache holds it)."""
+    try:
+        cached = (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # a private helper of torch's: if it changes, say it rather than nothing
+        cached = False
+    if not cached:
+        print(f"cc_attention: building the {'CPU and CUDA' if with_cuda else 'CPU'} kernels (once, about "
+              f"{'2 min' if with_cuda else '30 s'}) ...", file=sys.stderr, flush=True)
+
+
 def build(with_cuda: bool, verbose: bool = False) -> None:
-    """Compile (or take from the cache) and load the library, with or without the CUDA kernels; raises on failure.
+    """Load the prebuilt library (:func:`prebuilt_library`) or compile (or take from torch's cache) and load it,
+    with or without the CUDA kernels; raises on failure.
 
     A process loads at most one variant: both define the ``ccnet`` operators.
     """
+    prebuilt = prebuilt_library(with_cuda)
+    if prebuilt is not None:
+        torch.ops.load_library(str(prebuilt))
+        return
     cpp_extension = _cpp_extension()
     sources = list(COMMON_SOURCES)
     cuda_flags, include_paths = [], [str(_CSRC)]
@@ -140,8 +164,9 @@ def build(with_cuda: bool, verbose: bool = False) -> None:
         _prepare_cuda_build(cpp_extension)
         sources += CUDA_SOURCES
         cuda_flags = ["-O3"]
-        include_paths += _cuda_library_include_paths(cpp_extension.CUDA_HOME)
+        include_paths += cuda_library_include_paths(cpp_extension.CUDA_HOME)
     compile_flags, link_flags = _cpu_flags()
+    _announce_build(cpp_extension, library_name(with_cuda), with_cuda)
     cpp_extension.load(
         name=library_name(with_cuda),
         sources=[str(_CSRC / source) for source in sources],
