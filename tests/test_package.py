@@ -23,6 +23,8 @@ assert torch.allclose(out, expected), (out - expected).abs().max()
 assert q.grad is not None and torch.isfinite(q.grad).all()
 block = CrissCrossAttention(16, backend="cpu")
 assert block(torch.randn(1, 16, 6, 6)).shape == (1, 16, 6, 6)
+video = cc_attention.CrissCrossAttention3D(16)  # the 3-D (video) op is in the package too
+assert video(torch.randn(1, 16, 3, 4, 5)).shape == (1, 16, 3, 4, 5)
 print("package:", cc_attention.__file__)
 """
 
